@@ -1,0 +1,302 @@
+"""Boomerang distillation loss (ALGORITHM.md section 2), chunked over the sequence.
+
+    L = w_ce * CE(z_S, targets)
+      + w_kl * tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))
+      + sum_p (w_cos / P) * (1 - cos(h_S[p], h_T[p]))
+
+All terms are averaged over real tokens only (``loss_mask``). Logits are never
+materialised for the whole batch: they are formed from the final hidden states
+and the LM head one sequence chunk at a time inside a ``lax.scan`` whose body is
+wrapped in ``jax.checkpoint``, so forward and backward peak memory of the loss
+is O(B x chunk x V) instead of O(B x T x V).
+
+Numerics:
+- Logits: ``hidden @ head`` with the head cast to the hidden states' dtype (the
+  compute dtype, e.g. bf16) and ``preferred_element_type=float32``, i.e. bf16
+  operands with float32 accumulation and a float32 result. Everything after
+  (log-softmax, CE, KL, cosine) is float32.
+- The head enters the scan as float32, so the head gradient is accumulated
+  over chunks in float32 (cast back to the head's dtype once, at the end).
+- Sequence length: T need not be a multiple of ``chunk``. The effective chunk
+  is ``min(chunk, T)`` and T is zero-padded up to a multiple of it with mask 0.
+- Teacher inputs get ``stop_gradient``: the teacher never receives gradient.
+- ``loss_mask`` may be bool or float; non-zero entries count, weighted by their
+  value (1 for an ordinary token). Masked positions are excluded with
+  ``jnp.where``, so any finite value there (logits, hidden, targets, even
+  out-of-range target ids) affects neither the loss nor its gradient.
+- A term with weight 0 is skipped (not computed) and reports 0 in metrics; with
+  ``w_kl == 0`` the teacher's final states and head may be ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+_COS_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the distillation loss terms and the sequence chunk size."""
+
+    w_ce: float = 1.0
+    w_kl: float = 0.1
+    tau: float = 1.0
+    w_cos: float = 2.0
+    chunk: int = 512
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _chunk_layout(t: int, chunk: int) -> tuple[int, int, int]:
+    """(effective chunk, number of chunks, padding) for a sequence of length t."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    c = min(chunk, t)
+    n = -(-t // c)
+    return c, n, n * c - t
+
+
+def _to_chunks(x: jax.Array, c: int, n: int, pad: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, c, ...], zero-padding T up to n * c."""
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    b = x.shape[0]
+    x = x.reshape((b, n, c) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _from_chunks(x: jax.Array, t: int) -> jax.Array:
+    """[n, B, c] -> [B, T] (drops the padding)."""
+    n, b, c = x.shape
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * c)[:, :t]
+
+
+def _logits(hidden: jax.Array, head_f32: jax.Array) -> jax.Array:
+    """hidden [B, c, D] @ head [D, V] in hidden's dtype, float32 result [B, c, V]."""
+    head = head_f32.astype(hidden.dtype)
+    return jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood [B, c] from float32 logits [B, c, V]."""
+    v = logits.shape[-1]
+    tgt = jnp.clip(targets, 0, v - 1).astype(jnp.int32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return lse - picked
+
+
+def _check_shapes(final: jax.Array, head: jax.Array, name: str) -> None:
+    if final.ndim != 3 or head.ndim != 2 or final.shape[-1] != head.shape[0]:
+        raise ValueError(
+            f"{name}: expected final [B, T, D] and head [D, V], got "
+            f"{final.shape} and {head.shape}"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def chunked_token_nll(
+    final: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 512
+) -> jax.Array:
+    """Per-token NLL [B, T] (float32) of ``targets`` under ``final @ head``, chunked.
+
+    For perplexity/evaluation: never builds [B, T, V] logits. ``final`` is the
+    post-final-norm hidden state [B, T, D], ``head`` the LM head [D, V],
+    ``targets`` [B, T] the next token at each position (out-of-range ids are
+    clipped; mask them out yourself).
+    """
+    _check_shapes(final, head, "chunked_token_nll")
+    b, t, _ = final.shape
+    c, n, pad = _chunk_layout(t, chunk)
+    head_f32 = head.astype(jnp.float32)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        h, tgt = xs
+        return carry, _token_nll(_logits(h, head_f32), tgt)
+
+    xs = (_to_chunks(final, c, n, pad), _to_chunks(targets, c, n, pad))
+    _, nll = jax.lax.scan(body, None, xs)
+    return _from_chunks(nll, t)
+
+
+def cosine_distance(
+    student: jax.Array, teacher: jax.Array, loss_mask: jax.Array
+) -> jax.Array:
+    """Masked mean over tokens of 1 - cos(student, teacher) over the hidden dim (f32).
+
+    Each vector's norm is clamped at 1e-8, so zero vectors give distance 1 and a
+    finite gradient. Teacher gets ``stop_gradient``.
+    """
+    s = student.astype(jnp.float32)
+    t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+    s_norm = jnp.sqrt(jnp.maximum(jnp.sum(s * s, axis=-1), _COS_EPS**2))
+    t_norm = jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=-1), _COS_EPS**2))
+    cos = jnp.sum(s * t, axis=-1) / (s_norm * t_norm)
+    m = loss_mask.astype(jnp.float32)
+    total = jnp.sum(jnp.where(m != 0, m * (1.0 - cos), 0.0))
+    return total / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def distill_loss(
+    cfg: LossConfig,
+    *,
+    student_final: jax.Array,
+    student_head: jax.Array,
+    teacher_final: jax.Array | None = None,
+    teacher_head: jax.Array | None = None,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    student_hidden: Sequence[jax.Array] = (),
+    teacher_hidden: Sequence[jax.Array] = (),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Boomerang distillation loss, masked to real tokens, memory O(B x chunk x V).
+
+    Args:
+      cfg: term weights, temperature and sequence chunk size (static).
+      student_final / teacher_final: [B, T, D] hidden states after the final norm
+        (compute dtype). ``teacher_*`` may be None when ``cfg.w_kl == 0``.
+      student_head / teacher_head: LM heads [D, V] (any float dtype; cast to the
+        final states' dtype for the matmul).
+      targets: [B, T] int, the next token at each position.
+      loss_mask: [B, T] bool/float, non-zero = token counts (weighted by value).
+      student_hidden / teacher_hidden: aligned hidden-state pairs, element i of
+        one paired with element i of the other, each [B, T, D'].
+
+    Returns:
+      (total loss scalar f32, metrics). Metrics: "loss"; "ce" (mean CE); "kl"
+      (mean KL at temperature tau, before the w_kl * tau^2 factor); "cos" (sum of
+      the weighted cosine terms, as added to the loss); "cos_{i}" (unweighted
+      mean cosine distance 1 - cos of pair i); "tokens" (sum of loss_mask).
+      So loss = w_ce * ce + w_kl * tau^2 * kl + cos. Skipped terms report 0.
+    """
+    _check_shapes(student_final, student_head, "student")
+    b, t, _ = student_final.shape
+    v = student_head.shape[1]
+    if targets.shape != (b, t) or loss_mask.shape != (b, t):
+        raise ValueError(
+            f"targets {targets.shape} and loss_mask {loss_mask.shape} must be {(b, t)}"
+        )
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"{len(student_hidden)} student hidden states vs "
+            f"{len(teacher_hidden)} teacher hidden states: they must pair up"
+        )
+    use_ce = cfg.w_ce != 0
+    use_kl = cfg.w_kl != 0
+    use_cos = cfg.w_cos != 0 and len(student_hidden) > 0
+    if use_kl:
+        if teacher_final is None or teacher_head is None:
+            raise ValueError("w_kl != 0 needs teacher_final and teacher_head")
+        _check_shapes(teacher_final, teacher_head, "teacher")
+        if teacher_final.shape[:2] != (b, t) or teacher_head.shape[1] != v:
+            raise ValueError(
+                f"teacher final {teacher_final.shape} / head {teacher_head.shape} do "
+                f"not match student batch/seq {(b, t)} and vocab {v}"
+            )
+        if cfg.tau <= 0:
+            raise ValueError(f"tau must be positive, got {cfg.tau}")
+
+    mask = loss_mask.astype(jnp.float32)
+    tokens = jnp.sum(mask)
+    denom = jnp.maximum(tokens, 1.0)
+    zero = jnp.zeros((), jnp.float32)
+    ce = kl = cos_total = zero
+    metrics: dict[str, jax.Array] = {}
+
+    if use_ce or use_kl:
+        ce_sum, kl_sum = _chunked_ce_kl(
+            student_final,
+            student_head,
+            teacher_final,
+            teacher_head,
+            targets,
+            mask,
+            chunk=cfg.chunk,
+            tau=float(cfg.tau),
+            use_ce=use_ce,
+            use_kl=use_kl,
+        )
+        ce, kl = ce_sum / denom, kl_sum / denom
+
+    if use_cos:
+        p = len(student_hidden)
+        for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
+            if hs.shape != ht.shape or hs.shape[:2] != (b, t):
+                raise ValueError(
+                    f"hidden pair {i}: student {hs.shape} vs teacher {ht.shape}"
+                )
+            d = cosine_distance(hs, ht, mask)
+            metrics[f"cos_{i}"] = d
+            cos_total = cos_total + (cfg.w_cos / p) * d
+
+    total = zero
+    if use_ce:
+        total = total + cfg.w_ce * ce
+    if use_kl:
+        total = total + (cfg.w_kl * cfg.tau**2) * kl
+    if use_cos:
+        total = total + cos_total
+    metrics.update(loss=total, ce=ce, kl=kl, cos=cos_total, tokens=tokens)
+    return total, metrics
+
+
+def _chunked_ce_kl(
+    student_final: jax.Array,
+    student_head: jax.Array,
+    teacher_final: jax.Array | None,
+    teacher_head: jax.Array | None,
+    targets: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk: int,
+    tau: float,
+    use_ce: bool,
+    use_kl: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Masked sums of CE and KL over all tokens, scanning sequence chunks with remat."""
+    b, t, _ = student_final.shape
+    c, n, pad = _chunk_layout(t, chunk)
+    s_head = student_head.astype(jnp.float32)
+    if use_kl:
+        t_head = jax.lax.stop_gradient(teacher_head).astype(jnp.float32)
+        t_final = jax.lax.stop_gradient(teacher_final)
+
+    def body(carry, xs):
+        ce_acc, kl_acc = carry
+        hs, ht, tgt, m = xs
+        keep = m != 0
+        zs = _logits(hs, s_head)
+        if use_ce:
+            nll = _token_nll(zs, tgt)
+            ce_acc = ce_acc + jnp.sum(jnp.where(keep, m * nll, 0.0))
+        if use_kl:
+            zt = jax.lax.stop_gradient(_logits(ht, t_head))
+            log_pt = jax.nn.log_softmax(zt / tau, axis=-1)
+            zs_tau = zs / tau
+            # KL = sum_v p_T (log p_T - z_S/tau) + logsumexp(z_S/tau), using
+            # sum_v p_T = 1: no normalised student tensor is kept for backward.
+            kl_tok = jnp.sum(jnp.exp(log_pt) * (log_pt - zs_tau), axis=-1)
+            kl_tok = kl_tok + jax.nn.logsumexp(zs_tau, axis=-1)
+            kl_acc = kl_acc + jnp.sum(jnp.where(keep, m * kl_tok, 0.0))
+        return (ce_acc, kl_acc), None
+
+    # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
+    body = jax.checkpoint(body, prevent_cse=False)
+    xs = (
+        _to_chunks(student_final, c, n, pad),
+        _to_chunks(t_final, c, n, pad) if use_kl else None,
+        _to_chunks(targets, c, n, pad),
+        _to_chunks(mask, c, n, pad),
+    )
+    zero = jnp.zeros((), jnp.float32)
+    (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero), xs)
+    return ce_sum, kl_sum

@@ -1,0 +1,184 @@
+"""Load an HF checkpoint (local dir or hub id) into (ModelConfig, params), streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from boomerang_jax.hf import names
+from boomerang_jax.hf.safetensors_io import SafetensorsFile
+from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.transformer import Params, param_shapes
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded exactly: missing/unexpected/mis-shaped tensor, pickle, bad dir."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A model in memory with what is needed to write it back as an HF directory."""
+
+    config: ModelConfig
+    params: Params
+    hf_config: dict[str, Any]
+    tokenizer_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    generation_config: dict[str, Any] | None = None
+    source: str = ""
+
+
+def np_dtype(dtype: Any) -> np.dtype:
+    """'float32' / 'bfloat16' / jnp or np dtype -> numpy dtype (bf16 via ml_dtypes)."""
+    if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"fp32": "float32", "fp16": "float16"}.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+
+
+def resolve_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; an `org/name` hub id via huggingface_hub (safetensors and text files only)."""
+    p = Path(path_or_id)
+    if p.is_dir():
+        return p
+    s = str(path_or_id)
+    if p.exists():
+        raise CheckpointError(f"{s}: not a directory (expected an HF model directory with config.json)")
+    if not _HUB_ID.match(s):
+        raise CheckpointError(f"{s}: no such directory (and not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            s, allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja"]
+        ))
+    except Exception as e:  # offline, unknown repo, gated...
+        raise CheckpointError(f"{s}: not a local directory and could not be fetched from the hub ({e})") from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model dir (via the index when sharded); refuses pickle checkpoints."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: shard file(s) listed but missing: {', '.join(missing)}")
+        return [model_dir / f for f in files]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir}: only pickle checkpoint(s) found ({', '.join(pickles)}); boomerang-jax never unpickles. "
+            "Convert to safetensors first (e.g. save_pretrained(..., safe_serialization=True) in a trusted setting)."
+        )
+    raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def params_from_tensors(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray, str]],
+    dtype: Any = np.float32,
+) -> Params:
+    """Fill a parameter tree from (HF name, array, where) triples, one tensor at a time.
+
+    Peak memory is one copy of the model in `dtype` plus the tensor being converted. Missing, unexpected
+    or mis-shaped tensors are errors naming the tensor and where it came from.
+    """
+    dt = np_dtype(dtype)
+    shapes = param_shapes(config)
+    buffers = jax.tree.map(lambda s: np.empty(s.shape, dt), shapes)
+    lookup: dict[str, tuple[names.Entry, int | None]] = {}
+    for e, layer in names.export_order(config):
+        lookup[e.name(layer)] = (e, layer)
+    seen: set[str] = set()
+    for name, array, where in tensors:
+        if name not in lookup:
+            if names.IGNORED_TENSORS.search(name) or (config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")):
+                continue
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for a {config.model_type} model with "
+                                  f"{config.num_layers} layers")
+        entry, layer = lookup[name]
+        if tuple(array.shape) != entry.hf_shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {entry.hf_shape}")
+        for target, leaf in zip(entry.targets, entry.split(array)):
+            node = buffers if layer is None else buffers["layers"]
+            for key in target:
+                node = node[key]
+            if layer is None:
+                node[...] = leaf
+            else:
+                node[layer] = leaf
+        seen.add(name)
+    missing = [n for n in lookup if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"missing tensor(s): {', '.join(missing[:5])}{more}")
+    return buffers
+
+
+def _device_tree(tree: Params) -> Params:
+    """numpy -> jax arrays leaf by leaf, dropping each host copy as soon as it is on device."""
+    flat, treedef = jax.tree.flatten(tree)
+    out = []
+    for i in range(len(flat)):
+        out.append(jax.device_put(flat[i]))
+        flat[i] = None
+    return jax.tree.unflatten(treedef, out)
+
+
+def load_hf(path_or_id: str | os.PathLike, dtype: Any = np.float32, *, to_device: bool = True) -> Checkpoint:
+    """Load an HF causal-LM directory (or hub id) exactly: config, params cast to `dtype`, tokenizer files."""
+    model_dir = resolve_dir(path_or_id)
+    hf_config = read_json(model_dir / "config.json")
+    config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
+    files = safetensors_files(model_dir)
+
+    def stream() -> Iterator[tuple[str, np.ndarray, str]]:
+        for f in files:
+            with SafetensorsFile(f) as st:
+                for name in st.keys():
+                    yield name, st.get(name), str(f)
+
+    params = params_from_tensors(config, stream(), dtype)
+    gen = model_dir / "generation_config.json"
+    tokenizer_files = {n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).exists()}
+    return Checkpoint(
+        config=config,
+        params=_device_tree(params) if to_device else params,
+        hf_config=hf_config,
+        tokenizer_files=tokenizer_files,
+        generation_config=read_json(gen) if gen.exists() else None,
+        source=str(path_or_id),
+    )

@@ -1,0 +1,154 @@
+"""Write a model as an HF directory: sharded safetensors + index, config.json, generation config, tokenizer.
+
+The directory is assembled in a hidden temporary sibling and renamed into place at the end, so a killed
+export never looks complete and an existing good export is only replaced by a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from boomerang_jax.hf import names
+from boomerang_jax.hf.checkpoint import np_dtype
+from boomerang_jax.hf.safetensors_io import TensorSpec, write_safetensors, dtype_name
+from boomerang_jax.models.config import ModelConfig, to_hf
+from boomerang_jax.models.transformer import Params
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+# Given (path under the params root, layer or None) return that leaf (already sliced to the layer).
+LeafGetter = Callable[[tuple[str, ...], "int | None"], np.ndarray]
+
+
+class ExportError(ValueError):
+    """An export that cannot be written (target exists, inconsistent inputs)."""
+
+
+def tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
+    """Names and shapes of every HF tensor of `config`, in write order."""
+    return [TensorSpec(e.name(i), e.hf_shape, dtype) for e, i in names.export_order(config)]
+
+
+def params_getter(params: Params) -> LeafGetter:
+    """A LeafGetter over a stacked parameter tree (per-layer leaves are sliced on axis 0)."""
+
+    def get(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+        node: Any = params if layer is None else params["layers"]
+        for key in path:
+            node = node[key]
+        return np.asarray(jax.device_get(node if layer is None else node[layer]))
+
+    return get
+
+
+def hf_tensors(config: ModelConfig, get: LeafGetter) -> Iterator[tuple[str, np.ndarray]]:
+    """HF tensors one at a time, built from parameter leaves fetched on demand (streaming export)."""
+    for e, layer in names.export_order(config):
+        yield e.name(layer), e.join(*(get(t, layer) for t in e.targets))
+
+
+def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def generation_config_for(config: ModelConfig, base: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(base or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key)
+        if key not in out and value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def save_hf(
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    params: Params | None = None,
+    *,
+    get: LeafGetter | None = None,
+    hf_config: dict[str, Any] | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
+    generation_config: dict[str, Any] | None = None,
+    dtype: Any = "float32",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: dict[str, bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF directory for `config` from `params` (or from a LeafGetter `get`, for lazy sources).
+
+    `hf_config` is the source config.json whose unrelated keys are kept; layer count, tie flag and dtype
+    come from `config`. Refuses to replace an existing directory unless `overwrite`.
+    """
+    out = Path(out_dir)
+    if (params is None) == (get is None):
+        raise ExportError("save_hf needs exactly one of params= or get=")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    get = get or params_getter(params)
+    dt = np_dtype(dtype)
+    specs = tensor_specs(config, dt)
+    shards = _shard(specs, max_shard_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        stream = hf_tensors(config, get)
+        weight_map: dict[str, str] = {}
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(tmp / fname, shard, _take(stream, len(shard)))
+            weight_map.update({s.name: fname for s in shard})
+        if len(shards) > 1:
+            _write_json(tmp / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": weight_map,
+            })
+        cfg = to_hf(config, hf_config)
+        cfg.pop("torch_dtype", None)
+        cfg["dtype"] = _TORCH_DTYPE.get(dtype_name(dt), "float32")
+        _write_json(tmp / "config.json", cfg)
+        _write_json(tmp / "generation_config.json", generation_config_for(config, generation_config))
+        for name, data in {**(tokenizer_files or {}), **(extra_files or {})}.items():
+            (tmp / name).write_bytes(data)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _take(it: Iterator[tuple[str, np.ndarray]], n: int) -> Iterable[tuple[str, np.ndarray]]:
+    for _ in range(n):
+        yield next(it)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,282 @@
+"""One Flax transformer for the Llama, Qwen3 and GPT-NeoX families, HF-exact, layers stacked and scanned.
+
+Parameters follow docs/PARAMS.md. Attention takes segment ids and per-segment positions so packed rows
+behave exactly like separate sequences. Compute dtype is independent of the parameter dtype: weights are
+cast to `dtype` where they are used; norms, softmax and RoPE tables are computed in float32 as HF does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from boomerang_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no remat
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What the forward pass returns: logits (None when not asked), chosen hidden states, final normed hidden."""
+
+    logits: jax.Array | None
+    hidden_states: tuple[jax.Array, ...]
+    final_hidden: jax.Array
+
+
+jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden_states", "final_hidden"], meta_fields=[])
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama/Qwen3: scale * x/rms(x), computed in float32) or LayerNorm with bias (GPT-NeoX)."""
+
+    kind: str
+    eps: float
+    dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (self.dim,), self.param_dtype)
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        if self.kind == "rms":
+            xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            # HF: weight * hidden.to(input_dtype)
+            return scale.astype(dtype) * xf.astype(dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.param_dtype)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias) with the kernel stored [in, out] as HF's weight transposed."""
+
+    features: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, rope_dim] in float32 for integer positions [B, T] (HF rotate-half layout)."""
+    inv_freq = jnp.asarray(config.inv_freq())
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on the first cos.shape[-1] dims of x [B, T, H, hd]; the rest passes through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    half = rd // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = rot * cos + rotated * sin
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: causal and within the same segment (padding, id 0, only sees padding)."""
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        c = self.config
+        b, t, _ = x.shape
+        dense = lambda n, f, bias: Dense(f, bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
+        q = dense("q_proj", c.num_heads * c.head_dim, c.attention_bias)(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = dense("k_proj", c.num_kv_heads * c.head_dim, c.attention_bias)(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = dense("v_proj", c.num_kv_heads * c.head_dim, c.attention_bias)(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="q_norm")(q)
+            k = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = c.num_heads // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
+        return Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        act = _ACTIVATIONS[c.activation]
+        dense = lambda n, f: Dense(f, c.mlp_bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
+        h = dense("up_proj", c.intermediate_size)(x)
+        h = act(dense("gate_proj", c.intermediate_size)(x)) * h if c.gated_mlp else act(h)
+        return dense("down_proj", c.hidden_size)(h)
+
+
+class Block(nn.Module):
+    """One decoder layer; the scan carry is the residual stream, the scan output the layer's output (or None)."""
+
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    collect: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+        c = self.config
+        norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
+        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask)
+        if c.parallel_residual:
+            h = h + attn + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
+        else:
+            h = h + attn
+            h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
+        return h, (h if self.collect else None)
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `hidden_indices` follow HF: 0 = embedding output, i = output of layer i-1, num_layers (or -1)
+    = output of the final norm. Set `return_logits=False` to get only hidden states (e.g. for a chunked loss)."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        hidden_indices: Sequence[int] = (),
+        return_logits: bool = True,
+    ) -> ModelOutput:
+        c = self.config
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        idx = _normalise_indices(hidden_indices, c.num_layers)
+        embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, dtype=self.dtype, name="embed",
+                         embedding_init=nn.initializers.normal(0.02))
+        h = embed(tokens).astype(self.dtype)
+        cos, sin = rope_tables(c, positions)
+        mask = attention_mask(segment_ids)
+        collect = any(0 < i < c.num_layers for i in idx)
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.dtype, self.param_dtype, collect, name="layers")
+        h_in = h
+        h, per_layer = layers(h, cos, sin, mask)
+        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
+        picked = []
+        for i in idx:
+            picked.append(h_in if i == 0 else final if i == c.num_layers else per_layer[i - 1])
+        logits = None
+        if return_logits:
+            if c.tie_word_embeddings:
+                logits = embed.attend(final)
+            else:
+                logits = Dense(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(final)
+        return ModelOutput(logits=logits, hidden_states=tuple(picked), final_hidden=final)
+
+
+def _normalise_indices(indices: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    out = []
+    for i in indices:
+        j = i + num_layers + 1 if i < 0 else i
+        if not 0 <= j <= num_layers:
+            raise ValueError(f"hidden state index {i} out of range for a {num_layers}-layer model (0..{num_layers})")
+        out.append(j)
+    return tuple(out)
+
+
+def head_kernel(params: Params, config: ModelConfig) -> jax.Array:
+    """The [D, V] matrix mapping final hidden states to logits (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    hidden_indices: Sequence[int] = (),
+    return_logits: bool = True,
+    dtype: Any = jnp.float32,
+    remat: str = "none",
+) -> ModelOutput:
+    """Functional forward pass on a plain parameter dict (docs/PARAMS.md)."""
+    model = Transformer(config, dtype=dtype, remat=remat)
+    return model.apply({"params": params}, tokens, segment_ids, positions, tuple(hidden_indices), return_logits)
+
+
+def init_params(config: ModelConfig, key: jax.Array, param_dtype: Any = jnp.float32) -> Params:
+    """Random parameters with the right tree and shapes (for tests and shape-only planning)."""
+    model = Transformer(config, param_dtype=param_dtype)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return model.init(key, tokens)["params"]
+
+
+def param_shapes(config: ModelConfig, param_dtype: Any = jnp.float32) -> Params:
+    """ShapeDtypeStructs of every parameter, without allocating (for import validation and memory planning)."""
+    model = Transformer(config, param_dtype=param_dtype)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 2), jnp.int32)), jax.random.key(0))
+    return shapes["params"]
