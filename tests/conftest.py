@@ -1,0 +1,88 @@
+"""Shared test helpers: tiny random HF models built by transformers from a config and saved to a temp dir."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Odd shapes per family: GQA ratios, head_dim != hidden/heads, tied and untied, partial rotary,
+# parallel residual on/off, llama3 rope scaling, biases.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-gqa3-tied-llama3rope": dict(
+        model_type="llama", vocab_size=160, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16),
+    ),
+    "llama-mha-untied-bias-headdim": dict(
+        model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=72, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False,
+        attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
+    ),
+    "qwen3-gqa4-untied": dict(
+        model_type="qwen3", vocab_size=150, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "qwen3-gqa2-tied": dict(
+        model_type="qwen3", vocab_size=128, hidden_size=40, intermediate_size=56, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+    ),
+    "neox-partial-parallel": dict(
+        model_type="gpt_neox", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25),
+    ),
+    "neox-sequential-fullrotary-gelu_new": dict(
+        model_type="gpt_neox", vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=3, use_parallel_residual=False, tie_word_embeddings=False, hidden_act="gelu_new",
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=1.0),
+    ),
+}
+
+
+def build_hf_model(spec: dict[str, Any], seed: int = 0, scale: float = 0.2):
+    """A random transformers model from a config dict; weights perturbed so every parameter matters."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(spec)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def save_tiny(path: Path, name: str, seed: int = 0):
+    """Build TINY_CONFIGS[name], save it to `path` as an HF dir, and return the torch model."""
+    model = build_hf_model(TINY_CONFIGS[name], seed)
+    model.save_pretrained(path)
+    return model
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_name(request) -> str:
+    return request.param
