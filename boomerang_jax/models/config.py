@@ -154,7 +154,9 @@ def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     head_dim = hf.get("head_dim") or hidden // heads
     if model_type == "gpt_neox" and hidden % heads:
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-    rotary_dim = int(head_dim * float(rp.get("partial_rotary_factor", 1.0)))
+    # transformers' GPT-NeoX default is a quarter of the head rotated; the other families rotate all of it.
+    default_partial = 0.25 if model_type == "gpt_neox" else 1.0
+    rotary_dim = int(head_dim * float(rp.get("partial_rotary_factor", default_partial)))
     if rotary_dim % 2 or rotary_dim <= 0:
         raise ConfigError(f"{source}: partial rotary factor gives an odd or empty rotary dim {rotary_dim}")
 
@@ -221,8 +223,8 @@ def to_hf(config: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, 
     if config.rope_type == "llama3":
         rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_positions)
-    if config.rotary_dim:
-        rope["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+    if config.rotary_dim or config.model_type == "gpt_neox":  # NeoX's HF default is 0.25, so always say it
+        rope["partial_rotary_factor"] = config.rope_dim / config.head_dim
     out.update(
         model_type=config.model_type,
         architectures=[arch[config.model_type]],
