@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import re
 
 import jax
@@ -137,6 +137,7 @@ def _make_inputs(seed: int = 0, n_pairs: int = 3, dtype=jnp.float32) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _loss_fn(cfg: LossConfig):
     """(student_final, student_head, student_hidden, teacher stuff...) -> loss, jitted."""
 
@@ -154,6 +155,12 @@ def _loss_fn(cfg: LossConfig):
         )
 
     return jax.jit(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _student_grad_fn(cfg: LossConfig):
+    """Jitted value_and_grad of the loss w.r.t. (student_final, student_head, student_hidden)."""
+    return jax.jit(jax.value_and_grad(lambda *a: _loss_fn(cfg)(*a)[0], argnums=(0, 1, 2)))
 
 
 def _args(x: dict) -> tuple:
@@ -181,8 +188,9 @@ def _check_against_reference(cfg: LossConfig, x: dict, rtol=1e-5, atol=1e-5) -> 
 # ----------------------------------------------------------------------------- values
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 8, 24, 100])
-@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize(
+    "chunk, tau", [(1, 1.0), (5, 2.5), (8, 1.0), (24, 0.6), (100, 2.5)]
+)
 def test_loss_matches_float64_reference_for_any_chunk_size(chunk, tau):
     cfg = LossConfig(tau=tau, chunk=chunk)
     _check_against_reference(cfg, _make_inputs(seed=chunk))
@@ -265,7 +273,7 @@ def test_fully_masked_batch_gives_zero_not_nan():
     cfg = LossConfig(chunk=8)
     loss, metrics = _loss_fn(cfg)(*_args(x))
     assert float(loss) == 0.0 and float(metrics["tokens"]) == 0.0
-    g = jax.grad(lambda *a: _loss_fn(cfg)(*a)[0], argnums=(0, 1, 2))(*_args(x))
+    g = _student_grad_fn(cfg)(*_args(x))[1]
     for leaf in jax.tree.leaves(g):
         assert np.all(np.asarray(leaf) == 0.0)
 
@@ -291,7 +299,7 @@ def test_bf16_compute_matches_reference_on_rounded_inputs():
     ref_x = dict(x, student_head=x["student_head"].astype(jnp.bfloat16))
     ref, _ = reference_loss(cfg, **ref_x)
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda *a: _loss_fn(cfg)(*a)[0], argnums=(0, 1, 2))(*_args(x))
+    g = _student_grad_fn(cfg)(*_args(x))[1]
     assert g[0].dtype == jnp.bfloat16 and g[1].dtype == jnp.float32
     assert all(np.isfinite(np.asarray(leaf, np.float32)).all() for leaf in jax.tree.leaves(g))
 
@@ -312,7 +320,7 @@ def test_bf16_compute_matches_reference_on_rounded_inputs():
 def test_gradient_matches_unchunked_float64_reference(cfg):
     x = _make_inputs(seed=11)
     args = _args(x)
-    grads = jax.grad(lambda *a: _loss_fn(cfg)(*a)[0], argnums=(0, 1, 2))(*args)
+    grads = _student_grad_fn(cfg)(*args)[1]
     with jax.enable_x64(True):
         sf, sh, shs, tf, th, ths, targets, mask = jax.tree.map(
             lambda a: jnp.asarray(np.asarray(a, np.float64))
@@ -368,7 +376,7 @@ def test_masked_tokens_do_not_matter():
     # Garbage ids, out of range on purpose (e.g. -100 "ignore" labels, or >= V).
     y["targets"] = jnp.where(masked, jnp.where(jnp.arange(T) % 2 == 0, -100, V + 7), x["targets"])
 
-    value_and_grad = jax.value_and_grad(lambda *a: _loss_fn(cfg)(*a)[0], argnums=(0, 1, 2))
+    value_and_grad = _student_grad_fn(cfg)
     lx, gx = value_and_grad(*_args(x))
     ly, gy = value_and_grad(*_args(y))
     np.testing.assert_allclose(float(ly), float(lx), rtol=1e-6)
@@ -379,7 +387,7 @@ def test_masked_tokens_do_not_matter():
         assert np.all(np.asarray(leaf)[~mask] == 0.0)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     t=st.integers(1, 20),
     chunk=st.integers(1, 24),
@@ -395,7 +403,7 @@ def test_property_any_length_and_chunk_matches_reference(t, chunk, tau, seed):
     x["teacher_hidden"] = [h[:, :t] for h in x["teacher_hidden"]]
     x["loss_mask"] = jnp.asarray((rng.random((B, t)) > 0.4).astype(np.float32))
     cfg = LossConfig(chunk=chunk, tau=tau)
-    loss, _ = distill_loss(cfg, **x)
+    loss, _ = _loss_fn(cfg)(*_args(x))
     np.testing.assert_allclose(float(loss), reference_loss(cfg, **x)[0], rtol=1e-5, atol=1e-5)
 
 
