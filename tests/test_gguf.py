@@ -62,7 +62,7 @@ def tiny_model(tied: bool, seed: int = 0):
     return model
 
 
-def write_tiny_gguf(path: Path, model, *, arch: str = "llama", drop: str | None = None) -> None:
+def write_tiny_gguf(path: Path, model, *, arch: str = "llama", drop: str | None = None, add_bos: bool = False) -> None:
     """Write `model` as llama.cpp's converter would: llama metadata, F32 tensors, q/k permuted, byte-level vocab."""
     cfg = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -86,7 +86,7 @@ def write_tiny_gguf(path: Path, model, *, arch: str = "llama", drop: str | None 
     w.add_token_merges(["Ġ t", "h e", "Ġt he"])
     w.add_bos_token_id(259)
     w.add_eos_token_id(259)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}")
 
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"]}
@@ -196,6 +196,12 @@ def test_tiny_tokenizer(tmp_path):
         assert tok.decode(tok.encode(s)) == s
     assert tok.apply_chat_template([{"role": "user", "content": "the"}], tokenize=False) == "the<|endoftext|>"
 
+    bos_path = tmp_path / "bos.gguf"
+    write_tiny_gguf(bos_path, tiny_model(True), add_bos=True)
+    tok = save_tokenizer(G.read_gguf(bos_path), tmp_path / "tok_bos")
+    assert tok.encode(" the") == [259, 258]
+    assert tok.decode(tok.encode(" the"), skip_special_tokens=True) == " the"
+
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_not_gguf_and_truncated(tmp_path):
@@ -301,7 +307,7 @@ def test_smollm2_generates_sensible_english(smollm2, smollm2_tokenizer):
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**chat, max_new_tokens=10, do_sample=False, pad_token_id=2)
+        out = model.generate(**chat, max_new_tokens=8, do_sample=False, pad_token_id=2)
     assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -333,4 +339,5 @@ def test_smollm2_tokenizer(smollm2, smollm2_tokenizer):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert len(tok) == 49152 and not tok.encode("hi")[0] == 1  # no BOS added
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n")
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")

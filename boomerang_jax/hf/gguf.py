@@ -202,7 +202,9 @@ def _hf_config(meta: _Meta, arch: str, tensors: dict[str, Any]) -> dict[str, Any
     if a("expert_count", 0):
         raise GGUFError(f"{path}: mixture-of-experts Llama GGUFs ({arch}.expert_count) are not supported")
     if "rope_freqs.weight" in tensors:
-        raise GGUFError(f"{path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', llama3 scaling) are not supported")
+        raise GGUFError(
+            f"{path}: per-frequency RoPE factors (tensor 'rope_freqs.weight', llama3 scaling) are not supported"
+        )
     hidden, n_head = int(a("embedding_length")), int(a("attention.head_count"))
     n_kv = a("attention.head_count_kv", n_head)
     if not isinstance(n_head, int) or not isinstance(n_kv, int):
@@ -212,7 +214,9 @@ def _hf_config(meta: _Meta, arch: str, tensors: dict[str, Any]) -> dict[str, Any
         raise GGUFError(f"{path}: {arch}.attention.value_length differs from key_length; not a Llama model")
     rope_dim = int(a("rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise GGUFError(f"{path}: {arch}.rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE) is not supported")
+        raise GGUFError(
+            f"{path}: {arch}.rope.dimension_count {rope_dim} != head_dim {head_dim} (partial RoPE) is not supported"
+        )
     ffn = a("feed_forward_length")
     if not isinstance(ffn, int):
         raise GGUFError(f"{path}: per-layer feed_forward_length is not supported")
@@ -283,7 +287,8 @@ def _check_tensors(path: pathlib.Path, cfg: dict[str, Any], plan: list, tensors:
             raise GGUFError(f"{path}: missing tensor {g!r} (HF {hf_name})")
         shape = tuple(int(x) for x in reversed(tensors[g].shape.tolist()))
         if shape != _expected_shape(hf_name, cfg):
-            raise GGUFError(f"{path}: tensor {g!r} has shape {shape}, expected {_expected_shape(hf_name, cfg)} (HF [out, in])")
+            want = _expected_shape(hf_name, cfg)
+            raise GGUFError(f"{path}: tensor {g!r} has shape {shape}, expected {want} (HF [out, in])")
     extra = sorted(set(tensors) - wanted)
     if extra:
         raise GGUFError(
@@ -337,17 +342,20 @@ def _tokenizer_files(meta: _Meta, cfg: dict[str, Any]) -> tuple[dict[str, bytes]
         value = meta.get(f"tokenizer.ggml.{key}", None)
         return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
-    bos, eos, unk, pad = token_id("bos_token_id"), token_id("eos_token_id"), token_id("unknown_token_id"), token_id("padding_token_id")
+    bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
+    unk, pad = token_id("unknown_token_id"), token_id("padding_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False)
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
-    # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. As in llama.cpp, only
+    # control/unknown tokens are matched as special in raw text; user-defined ones are plain added tokens.
     added = []
     for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty in (2, 3) or i in (bos, eos, unk, pad):
+        if ty in (2, 3):
             added.append((i, AddedToken(t, special=True, normalized=False)))
         elif ty == 4:
             added.append((i, AddedToken(t, special=False, normalized=False)))
