@@ -1,0 +1,76 @@
+"""Check an exported HF directory: reload it with transformers and compare logits with our JAX model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    path: str
+    max_abs_diff: float
+    max_abs_logit: float
+    num_sequences: int
+    seq_len: int
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def __str__(self) -> str:
+        status = "OK" if self.ok else "MISMATCH"
+        return (f"{status}: {self.path}: max |logits_jax - logits_transformers| = {self.max_abs_diff:.3e} "
+                f"(max |logit| {self.max_abs_logit:.2f}, {self.num_sequences} sequences x {self.seq_len} tokens, "
+                f"atol {self.atol:g})")
+
+
+def verify_export(
+    path: str | os.PathLike,
+    *,
+    num_sequences: int = 3,
+    seq_len: int = 32,
+    seed: int = 0,
+    atol: float = 1e-3,
+    tokens: np.ndarray | None = None,
+) -> VerifyReport:
+    """Reload `path` with transformers.AutoModelForCausalLM (fp32, CPU) and with `load_hf`; compare logits.
+
+    Uses random token ids (seeded) unless `tokens` [N, T] is given. Requires torch (the `torch` extra).
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.models.transformer import forward
+
+    ck = load_hf(path)
+    if tokens is None:
+        rng = np.random.RandomState(seed)
+        tokens = rng.randint(0, ck.config.vocab_size, (num_sequences, seq_len))
+    tokens = np.asarray(tokens)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(jax.jit(lambda p, t: forward(p, ck.config, t).logits)(ck.params, jnp.asarray(tokens)))
+    return VerifyReport(
+        path=str(path),
+        max_abs_diff=float(np.abs(ours - ref).max()),
+        max_abs_logit=float(np.abs(ref).max()),
+        num_sequences=int(tokens.shape[0]),
+        seq_len=int(tokens.shape[1]),
+        atol=atol,
+    )
+
+
+def verify_main(args: Any) -> int:
+    report = verify_export(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol)
+    print(report)
+    return 0 if report.ok else 1
