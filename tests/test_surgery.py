@@ -56,11 +56,14 @@ def teachers(tmp_path_factory):
 
 
 def perturbed(model: Model, seed: int = 0, scale: float = 0.05) -> Model:
-    """A distinct 'distilled' student: every parameter moved, so invariants can fail."""
-    leaves, treedef = jax.tree.flatten(model.params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return Model(model.config, jax.tree.unflatten(treedef, moved))
+    """A distinct 'distilled' student (host arrays): every parameter moved, so invariants can fail."""
+    rng = np.random.RandomState(seed)
+    moved = jax.tree.map(lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype), model.params)
+    return Model(model.config, moved)
+
+
+def on_host(model) -> Model:
+    return Model(model.config, jax.tree.map(np.asarray, model.params))
 
 
 def logits(model: Model) -> np.ndarray:
@@ -82,8 +85,8 @@ def family_name(request) -> str:
 def setup(teachers, family_name):
     ck, torch_model = teachers[family_name]
     plan = LayerPlan.from_knobs(8)
-    teacher = Model(ck.config, ck.params)
-    student = perturbed(prune(ck.params, ck.config, plan))
+    teacher = on_host(ck)  # host numpy keeps the many small surgeries fast; device arrays are tested below
+    student = perturbed(prune(teacher.params, teacher.config, plan))
     return teacher, student, plan, torch_model
 
 
@@ -143,6 +146,17 @@ def test_any_subset_gives_expected_layers(setup, patched):
     assert out.config.tie_word_embeddings == (tied and emb_from is head_from)
     shape = jax.eval_shape(lambda p: forward(p, out.config, jnp.asarray(TOKENS)).logits, out.params).shape
     assert shape == (2, 7, teacher.config.vocab_size)
+
+
+def test_device_arrays_give_the_same_result_as_host_arrays(teachers):
+    ck, _ = teachers["qwen3-tied"]
+    plan = LayerPlan.from_knobs(8)
+    student = perturbed(prune(ck.params, ck.config, plan))
+    on_device = Model(student.config, jax.tree.map(jnp.asarray, student.params))
+    for patched in ([], [1, 2], range(5)):
+        a = interpolate(on_device, ck, plan, patched)
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(a.params))
+        assert_trees_equal(a.params, interpolate(student, on_host(ck), plan, patched).params)
 
 
 def test_mixed_tied_model_is_untied_with_the_head_of_the_last_layers_owner(teachers):
