@@ -1,0 +1,375 @@
+"""Device mesh, parameter partition rules, and multi-host helpers for the sharded train step.
+
+Mesh axes are ``("data", "fsdp", "tensor")``. The batch dimension is sharded over ``("data", "fsdp")``;
+parameters are replicated over ``data`` (pure data parallelism), sharded over ``fsdp`` on one large dimension
+(ZeRO-3 style: each weight lives once per fsdp group) and over ``tensor`` on attention heads, the MLP hidden
+dimension and the vocabulary (Megatron style). The stacked layer axis of ``layers/...`` is never sharded.
+
+Partition rule, per parameter (see ``LOGICAL_AXES`` for every parameter's dimension names):
+
+1. ``tensor`` (if its size > 1) goes to the dimension named ``q_heads``/``kv_heads`` (only when the number of
+   query/key-value heads is divisible by it, so no head is split), ``mlp`` or ``vocab`` (when that size is
+   divisible by it). A parameter has at most one such dimension.
+2. ``fsdp`` (if its size > 1) goes to the largest remaining non-layer dimension whose size it divides; if none
+   divides, the parameter is replicated over ``fsdp``.
+3. Every other dimension, and any dimension a rule skipped because it does not divide, is replicated.
+
+So tiny models (odd head counts, 3-wide norms) still run on any mesh, just with less sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from boomerang_jax.models.config import ModelConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both: fsdp groups also see different data
+
+Params = dict[str, Any]
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, or a batch/parameter that does not fit the mesh."""
+
+
+# ------------------------------------------------------------------------------------------------- mesh
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; at most one may be -1, meaning "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, int] | "MeshConfig") -> "MeshConfig":
+        """From 'data=2,fsdp=-1,tensor=1' (any subset; missing axes keep their defaults) or a mapping."""
+        if isinstance(spec, MeshConfig):
+            return spec
+        if isinstance(spec, Mapping):
+            items = dict(spec)
+        else:
+            items = {}
+            for part in filter(None, (p.strip() for p in spec.split(","))):
+                key, sep, value = part.partition("=")
+                try:
+                    items[key.strip()] = int(value)
+                except ValueError:
+                    raise MeshError(f"mesh spec {spec!r}: cannot read {part!r}; expected e.g. "
+                                    "'data=2,fsdp=-1,tensor=1'") from None
+                if not sep:
+                    raise MeshError(f"mesh spec {spec!r}: cannot read {part!r}")
+        unknown = set(items) - set(AXES)
+        if unknown:
+            raise MeshError(f"unknown mesh axes {sorted(unknown)}; the axes are {', '.join(AXES)}")
+        return cls(**{k: int(v) for k, v in items.items()})
+
+    def sizes(self, num_devices: int) -> tuple[int, int, int]:
+        """Concrete (data, fsdp, tensor) sizes for `num_devices`, filling the -1 axis."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        desc = ", ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+        if any(s == 0 or s < -1 for s in sizes):
+            raise MeshError(f"mesh sizes must be positive or -1 (fill), got {desc}")
+        fill = [i for i, s in enumerate(sizes) if s == -1]
+        if len(fill) > 1:
+            raise MeshError(f"at most one mesh axis may be -1 (fill), got {desc}")
+        fixed = math.prod(s for s in sizes if s != -1)
+        if fill:
+            if num_devices % fixed:
+                raise MeshError(f"mesh {desc}: the fixed axes multiply to {fixed}, which does not divide the "
+                                f"{num_devices} available devices")
+            sizes[fill[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise MeshError(f"mesh {desc} needs {fixed} devices, but {num_devices} are available")
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(config: MeshConfig | str | Mapping[str, int] = MeshConfig(),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+
+    Axis types are Auto: shardings are given explicitly at jit boundaries and propagated inside.
+    """
+    config = MeshConfig.parse(config)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.sizes(len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+    """{axis: size} of a mesh (missing axes count as 1)."""
+    return {a: int(mesh.shape.get(a, 1)) for a in AXES}
+
+
+# ----------------------------------------------------------------------------------- partition rules
+# Dimension names of every parameter in docs/PARAMS.md ("layers" = the stacked layer axis, never sharded).
+LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "embed/embedding": ("vocab", "embed"),
+    "lm_head/kernel": ("embed", "vocab"),
+    "final_norm/scale": ("embed",),
+    "final_norm/bias": ("embed",),
+    "layers/attn_norm/scale": ("layers", "embed"),
+    "layers/attn_norm/bias": ("layers", "embed"),
+    "layers/mlp_norm/scale": ("layers", "embed"),
+    "layers/mlp_norm/bias": ("layers", "embed"),
+    "layers/attn/q_proj/kernel": ("layers", "embed", "q_heads"),
+    "layers/attn/q_proj/bias": ("layers", "q_heads"),
+    "layers/attn/k_proj/kernel": ("layers", "embed", "kv_heads"),
+    "layers/attn/k_proj/bias": ("layers", "kv_heads"),
+    "layers/attn/v_proj/kernel": ("layers", "embed", "kv_heads"),
+    "layers/attn/v_proj/bias": ("layers", "kv_heads"),
+    "layers/attn/o_proj/kernel": ("layers", "q_heads", "embed"),
+    "layers/attn/o_proj/bias": ("layers", "embed"),
+    "layers/attn/q_norm/scale": ("layers", "head_dim"),
+    "layers/attn/k_norm/scale": ("layers", "head_dim"),
+    "layers/mlp/gate_proj/kernel": ("layers", "embed", "mlp"),
+    "layers/mlp/gate_proj/bias": ("layers", "mlp"),
+    "layers/mlp/up_proj/kernel": ("layers", "embed", "mlp"),
+    "layers/mlp/up_proj/bias": ("layers", "mlp"),
+    "layers/mlp/down_proj/kernel": ("layers", "mlp", "embed"),
+    "layers/mlp/down_proj/bias": ("layers", "embed"),
+}
+TENSOR_DIMS = ("q_heads", "kv_heads", "mlp", "vocab")
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _tensor_divides(name: str, size: int, t: int, config: ModelConfig) -> bool:
+    if name == "q_heads":
+        return config.num_heads % t == 0
+    if name == "kv_heads":
+        return config.num_kv_heads % t == 0
+    return size % t == 0
+
+
+def partition_spec(path: str, shape: Sequence[int], config: ModelConfig, mesh: Mesh | Mapping[str, int]) -> P:
+    """PartitionSpec of the parameter at `path` ('layers/attn/q_proj/kernel') with `shape` (module docstring)."""
+    names = LOGICAL_AXES.get(path)
+    if names is None:
+        raise MeshError(f"no partition rule for parameter {path!r} {tuple(shape)}; add it to LOGICAL_AXES")
+    if len(names) != len(shape):
+        raise MeshError(f"parameter {path!r} has shape {tuple(shape)} but its rule names {len(names)} dims {names}")
+    sizes = mesh_shape(mesh) if isinstance(mesh, Mesh) else {a: int(mesh.get(a, 1)) for a in AXES}
+    spec: list[str | None] = [None] * len(shape)
+    t, f = sizes["tensor"], sizes["fsdp"]
+    if t > 1:
+        for i, name in enumerate(names):
+            if name in TENSOR_DIMS and _tensor_divides(name, shape[i], t, config):
+                spec[i] = "tensor"
+                break
+    if f > 1:
+        free = [i for i, name in enumerate(names) if name != "layers" and spec[i] is None and shape[i] % f == 0]
+        if free:
+            spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
+    return P(*spec)
+
+
+def without_fsdp(spec: P) -> P:
+    """The spec with its "fsdp" sharding dropped: the layout a weight is gathered to where it is used."""
+    return P(*(None if s == "fsdp" else s for s in spec))
+
+
+def param_specs(params: Params, config: ModelConfig, mesh: Mesh | Mapping[str, int]) -> Params:
+    """PartitionSpecs for every leaf of a parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: partition_spec(_path_str(path), x.shape, config, mesh), params)
+
+
+def param_shardings(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
+    """NamedShardings for every leaf of a parameter tree."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, config, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec() -> P:
+    """Batch arrays [B, T]: batch over ("data", "fsdp"), sequence unsharded."""
+    return P(BATCH_AXES, None)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split (data x fsdp)."""
+    s = mesh_shape(mesh)
+    return s["data"] * s["fsdp"]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+    """Raise MeshError unless every micro-batch splits evenly over data x fsdp."""
+    n = batch_shards(mesh)
+    if micro_batches < 1 or batch_size % micro_batches:
+        raise MeshError(f"global batch {batch_size} is not divisible into {micro_batches} micro-batches")
+    if (batch_size // micro_batches) % n:
+        raise MeshError(f"micro-batch size {batch_size // micro_batches} (global batch {batch_size} / "
+                        f"{micro_batches} micro-batches) is not divisible by data x fsdp = {n} "
+                        f"(mesh {mesh_shape(mesh)})")
+
+
+# ------------------------------------------------------------------------------------ placing arrays
+def put(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    """Place a tree of host (numpy) or device arrays onto `shardings` (a matching tree or one sharding).
+
+    Works on one or many processes: host values must then be identical on every process (each process
+    copies only the slices its own devices hold). `dtype`, if given, casts floating leaves. The result never
+    aliases the input, so it may be donated.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x: Any, sharding: NamedSharding) -> jax.Array:
+        target = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+            # Always a fresh copy: the result may be donated to the train step without deleting `x`.
+            y = jax.device_put(x, sharding, may_alias=False)
+            return y if y.dtype == target else jax.jit(lambda a: a.astype(target), out_shardings=sharding)(y)
+        host = np.asarray(x)
+        if host.dtype != target:
+            host = host.astype(target)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def process_batch_rows(global_batch_size: int, mesh: Mesh) -> slice:
+    """The rows of the global batch this process must load (its devices' contiguous share of the batch)."""
+    sharding = batch_sharding(mesh)
+    index_map = sharding.addressable_devices_indices_map((global_batch_size, 1))
+    rows = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
+                   for idx in index_map.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start:
+        raise MeshError(f"this process's batch rows {rows} are not contiguous; order the mesh devices by process")
+    return slice(start, stop)
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, global_batch_size: int | None = None
+                 ) -> dict[str, jax.Array]:
+    """Each process's local rows (see `process_batch_rows`) -> one global batch sharded over ("data", "fsdp").
+
+    On one process the local batch is the global batch.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        gb = global_batch_size or v.shape[0] * jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (gb,) + v.shape[1:])
+    return out
+
+
+def to_host(tree: Any) -> Any:
+    """Full numpy copies of (possibly multi-process sharded) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+    """Bytes each device holds for a tree of arrays (to check that something is sharded, not replicated)."""
+    out: dict[str, int] = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + shard.data.nbytes
+    return out
+
+
+# -------------------------------------------------------------------------------------------- multi-host
+_CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS",)
+
+
+def _on_cluster() -> bool:
+    """Whether the environment looks like a multi-process launch that jax.distributed can auto-detect."""
+    env = os.environ
+    if any(env.get(k) for k in _CLUSTER_HINTS):
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+    if len([h for h in re.split(r"[,\s]+", hosts) if h]) > 1:
+        return True
+    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            if int(env.get(key, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    force: bool = False,
+    local_device_ids: Sequence[int] | None = None,
+    timeout_s: int = 300,
+) -> bool:
+    """Start jax.distributed when running multi-process; return whether it was started.
+
+    Explicit arguments (e.g. a local coordinator '127.0.0.1:PORT' for tests) always start it; otherwise it
+    starts when the environment is a multi-host TPU pod, SLURM/Open MPI job or sets JAX_COORDINATOR_ADDRESS,
+    or when `force` is set (auto-detection by JAX). A single host does nothing. Call before any JAX work.
+    On CPU, cross-process collectives use gloo.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if not (explicit or force or _on_cluster()):
+        return False
+    if explicit and None in (coordinator_address, num_processes, process_id):
+        raise MeshError("an explicit distributed start needs coordinator_address, num_processes and process_id "
+                        f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               initialization_timeout=timeout_s)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0 only: the one that writes logs, checkpoints' metadata and exports."""
+    return jax.process_index() == 0
+
+
+def main_print(*args: Any, **kwargs: Any) -> None:
+    """print() on process 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on `host` (for a local coordinator in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
