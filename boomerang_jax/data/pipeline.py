@@ -117,6 +117,10 @@ def make_dataset(cfg: DataConfig) -> grain.IterDataset:
     else:
         batches = rows.batch(cfg.batch_size, batch_fn=functools.partial(pad_batch, batch_size=cfg.batch_size))
     if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; scripts without app.run never parse them
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     if cfg.prefetch_batches > 0:
         from grain.experimental import ThreadPrefetchIterDataset
