@@ -38,14 +38,18 @@ REMAT_POLICIES: dict[str, Any] = {
 
 @dataclasses.dataclass
 class ModelOutput:
-    """What the forward pass returns: logits (None when not asked), chosen hidden states, final normed hidden."""
+    """What the forward pass returns: logits (None when not asked), chosen hidden states, final normed hidden,
+    and the raw output of the last layer (before the final norm; HF does not expose it)."""
 
     logits: jax.Array | None
     hidden_states: tuple[jax.Array, ...]
     final_hidden: jax.Array
+    last_layer_output: jax.Array
 
 
-jax.tree_util.register_dataclass(ModelOutput, data_fields=["logits", "hidden_states", "final_hidden"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=["logits", "hidden_states", "final_hidden", "last_layer_output"], meta_fields=[]
+)
 
 
 class Norm(nn.Module):
@@ -231,7 +235,7 @@ class Transformer(nn.Module):
                 logits = embed.attend(final)
             else:
                 logits = Dense(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(final)
-        return ModelOutput(logits=logits, hidden_states=tuple(picked), final_hidden=final)
+        return ModelOutput(logits=logits, hidden_states=tuple(picked), final_hidden=final, last_layer_output=h)
 
 
 def _normalise_indices(indices: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -1,0 +1,100 @@
+"""Evaluation: perplexity equals transformers' on the same documents; the ShortGPT baseline drops the right layers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to_drop, shortgpt_family
+from boomerang_jax.eval.perplexity import perplexity, summarise
+from boomerang_jax.hf.checkpoint import load_hf
+from boomerang_jax.models.transformer import forward
+from tests.conftest import save_tiny, torch_logits
+
+
+def pack_rows(docs: list[np.ndarray], seq_len: int, rows: int) -> dict[str, np.ndarray]:
+    """Straightforward packing for tests: documents placed whole, left to right, row by row."""
+    out = {k: np.zeros((rows, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    r, col, seg = 0, 0, 0
+    for doc in docs:
+        if col + len(doc) > seq_len:
+            r, col, seg = r + 1, 0, 0
+        seg += 1
+        n = len(doc)
+        out["tokens"][r, col:col + n] = doc
+        out["targets"][r, col:col + n - 1] = doc[1:]
+        out["segment_ids"][r, col:col + n] = seg
+        out["positions"][r, col:col + n] = np.arange(n)
+        out["loss_mask"][r, col:col + n - 1] = 1
+        col += n
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "llama"
+    model = save_tiny(d, "llama-gqa3-tied-llama3rope")
+    return model, load_hf(d)
+
+
+def test_perplexity_equals_transformers_on_the_same_documents(tiny):
+    model, ck = tiny
+    rng = np.random.RandomState(0)
+    docs = [rng.randint(0, ck.config.vocab_size, n) for n in (7, 12, 5, 9, 15, 3)]
+    batch = pack_rows(docs, seq_len=24, rows=3)
+    ours = perplexity(ck.params, ck.config, [batch], chunk=8)
+    nll, count = 0.0, 0
+    for doc in docs:
+        logits = torch.as_tensor(torch_logits(model, doc[None])[0, :-1])
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(doc[1:]), reduction="sum"))
+        count += len(doc) - 1
+    assert ours.tokens == count
+    assert ours.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert ours.ci_low <= ours.perplexity <= ours.ci_high
+
+
+def test_bootstrap_interval_narrows_with_more_rows():
+    rng = np.random.default_rng(0)
+    few = summarise(rng.normal(30, 5, 4), np.full(4, 10.0))
+    many = summarise(rng.normal(30, 5, 400), np.full(400, 10.0))
+    assert (many.ci_high - many.ci_low) < (few.ci_high - few.ci_low)
+
+
+def test_block_influence_drops_layers_that_do_nothing(tiny):
+    _, ck = tiny
+    params = jax.tree.map(np.array, ck.params)
+    idle = [1, 2]  # layers whose attention and MLP write nothing to the residual stream
+    for i in idle:
+        params["layers"]["attn"]["o_proj"]["kernel"][i] = 0
+        params["layers"]["mlp"]["down_proj"]["kernel"][i] = 0
+    rng = np.random.RandomState(1)
+    batch = pack_rows([rng.randint(0, ck.config.vocab_size, 10) for _ in range(4)], seq_len=20, rows=2)
+    influence = block_influence(params, ck.config, [batch])
+    np.testing.assert_allclose(influence[idle], 0.0, atol=1e-6)
+    assert (np.delete(influence, idle) > 1e-3).all()
+    assert layers_to_drop(influence, 2) == idle
+    (drop, (cfg, small)), = shortgpt_family(params, ck.config, influence, [2])
+    assert drop == idle and cfg.num_layers == 2
+    full = forward(params, ck.config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    cut = forward(small, cfg, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    np.testing.assert_allclose(np.asarray(cut.logits), np.asarray(full.logits), atol=1e-5)
+
+
+def test_dropping_layers_equals_transformers_without_those_layers(tiny):
+    model, ck = tiny
+    cfg, small = drop_layers(ck.params, ck.config, [0, 2])
+    tokens = np.random.RandomState(2).randint(0, ck.config.vocab_size, (2, 9))
+    import copy
+
+    cut = copy.deepcopy(model)
+    cut.model.layers = torch.nn.ModuleList([cut.model.layers[i] for i in (1, 3)])
+    cut.config.num_hidden_layers = 2
+    with torch.no_grad():  # no KV cache: the kept attention modules still carry their old layer indices
+        ref = cut(torch.as_tensor(tokens), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(small, cfg, tokens).logits), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="invalid layers to drop"):
+        drop_layers(ck.params, ck.config, [7])
