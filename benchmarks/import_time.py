@@ -17,25 +17,37 @@ import tempfile
 from pathlib import Path
 
 OURS = """
-import time, jax, sys
+import resource, time, jax, sys
 from boomerang_jax.hf.checkpoint import load_hf
 t = time.perf_counter()
 ck = load_hf(sys.argv[1])
 jax.block_until_ready(ck.params)
-print(time.perf_counter() - t)
+dt = time.perf_counter() - t
+print("rss_mb ours", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(dt)
 """
 THEIRS = """
-import time, sys, torch
+import resource, time, sys, torch
 from transformers import AutoModelForCausalLM
 t = time.perf_counter()
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-print(time.perf_counter() - t)
+dt = time.perf_counter() - t
+print("rss_mb transformers", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(dt)
 """
+
+
+PEAK: dict[str, float] = {}
 
 
 def _run(code: str, model_dir: Path) -> float:
     out = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    for x in lines:
+        if x.startswith("rss_mb"):
+            _, who, mb = x.split()
+            PEAK[who] = max(PEAK.get(who, 0.0), float(mb))
+    return float(lines[-1])
 
 
 def main() -> None:
@@ -52,6 +64,7 @@ def main() -> None:
             ck = load_model(EMBEDDED_TEACHER, to_device=False)
             save_hf(model_dir, ck.config, ck.params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files)
         _run(OURS, model_dir), _run(THEIRS, model_dir)  # warm the page cache for both
+        model_mb = round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20, 1)
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(_run(OURS, model_dir))
@@ -61,6 +74,8 @@ def main() -> None:
         "ours_s_median": round(statistics.median(ours), 3),
         "transformers_s_median": round(statistics.median(theirs), 3),
         "ratio_ours_over_transformers": round(statistics.median(ours) / statistics.median(theirs), 3),
+        "model_mb": model_mb,
+        "peak_rss_mb_of_process": {k: round(v, 1) for k, v in PEAK.items()},
         "ours_s": [round(x, 3) for x in ours],
         "transformers_s": [round(x, 3) for x in theirs],
     }
