@@ -239,7 +239,7 @@ def test_order_is_deterministic_for_a_seed_and_resumes_exactly_from_a_saved_stat
     cfg = DataConfig(str(path), seq_len=16, batch_size=2, seed=5, packing=packing, first_fit_bins=3)
     ref = _take(make_iterator(cfg), 14)  # > 2 epochs of this dataset: resumes across epoch boundaries too
     assert _same(ref, _take(make_iterator(cfg), 14))
-    other = _take(make_iterator(dataclasses_replace(cfg, seed=6)), 14)
+    other = _take(make_iterator(_replace(cfg, seed=6)), 14)
     assert not _same(ref, other)
     it = make_iterator(cfg)
     for n in range(0, 10):  # saved states land both mid-document and on document boundaries
@@ -249,7 +249,7 @@ def test_order_is_deterministic_for_a_seed_and_resumes_exactly_from_a_saved_stat
         assert _same([next(it)], ref[n : n + 1])
 
 
-def dataclasses_replace(cfg: DataConfig, **kw) -> DataConfig:
+def _replace(cfg: DataConfig, **kw) -> DataConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
@@ -264,14 +264,14 @@ def test_host_shards_are_disjoint_and_together_cover_the_data(prepared, hosts):
                          process_index=i, process_count=hosts, seed=11)
         docs = _documents_from_stream(_stream(list(make_iterator(cfg))))
         assert docs == [tuple(d.tolist()) for d in host_documents(cfg)]
-        seen.append(set(enumerate_docs(docs)))
+        seen.append(set(_numbered(docs)))
     for i in range(hosts):
         for j in range(i + 1, hosts):
             assert not seen[i] & seen[j]
-    assert sorted(set().union(*seen)) == sorted(enumerate_docs([tuple(e.tolist()) for e in expected]))
+    assert sorted(set().union(*seen)) == sorted(_numbered([tuple(e.tolist()) for e in expected]))
 
 
-def enumerate_docs(docs):
+def _numbered(docs):
     """Documents made unique by their occurrence count (the corpus may repeat a text)."""
     counts: dict = {}
     for d in docs:
@@ -294,7 +294,7 @@ def test_last_batch_is_padded_when_not_dropped(prepared):
     batches = list(make_iterator(cfg))
     assert all(b["tokens"].shape == (4, 64) for b in batches)
     assert np.array_equal(_stream(batches)["tokens"], np.concatenate(expected))
-    dropped = list(make_iterator(dataclasses_replace(cfg, drop_remainder=True)))
+    dropped = list(make_iterator(_replace(cfg, drop_remainder=True)))
     assert len(dropped) == sum(map(len, expected)) // (64 * 4)
 
 

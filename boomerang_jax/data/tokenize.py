@@ -38,7 +38,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
 
 def _token_id(tokenizer: Any, token: str, what: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+    unk = tokenizer.unk_token_id
+    if tid is None or (unk is not None and tid == unk and token != tokenizer.unk_token):
         raise ValueError(f"{what} token {token!r} is not in the tokenizer's vocabulary")
     return int(tid)
 
