@@ -103,14 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-3)
     p.set_defaults(func=verify_command)
 
-    try:
-        from boomerang_jax.family import add_interpolate_arguments, interpolate_command
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("interpolate", help="export the zero-shot family of sizes from a student and teacher")
-        add_interpolate_arguments(p)
-        p.set_defaults(func=interpolate_command)
+    from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
+    from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command
+    from boomerang_jax.family import (
+        add_interpolate_arguments, add_prune_arguments, interpolate_command, prune_command,
+    )
+
+    for name, help_, add, func in [
+        ("prepare-data", "tokenise a text source into ArrayRecord shards for training/evaluation",
+         add_prepare_arguments, prepare_command),
+        ("prune", "write the (undistilled) student of a teacher for a layer plan, as an HF dir with its plan",
+         add_prune_arguments, prune_command),
+        ("interpolate", "export the zero-shot family of sizes from a student and its teacher",
+         add_interpolate_arguments, interpolate_command),
+        ("lm-eval", "run lm-evaluation-harness on every size of a family and add the scores to a CSV",
+         add_lm_eval_arguments, lm_eval_command),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        add(p)
+        p.set_defaults(func=func)
     return parser
 
 

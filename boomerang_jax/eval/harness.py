@@ -1,0 +1,162 @@
+"""lm-evaluation-harness on exported HF directories, offline: local tasks, and a whole family at once.
+
+Exports are plain HF directories, so `lm_eval --model hf` runs on them unchanged. Offline, a task is a YAML
+over a local jsonl file; `cloze_questions` makes a multiple-choice task from any held-out text (predict a
+sentence's last word among distractors), so the harness path is exercised without a dataset hub. On a
+networked machine the paper's tasks (arc_easy, piqa, ...) run through the same function.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+_WORD = re.compile(r"^[A-Za-z]{4,}$")
+
+
+def cloze_questions(texts: Iterable[str], num_questions: int, *, num_choices: int = 4, seed: int = 0,
+                    min_words: int = 8) -> list[dict[str, Any]]:
+    """Multiple-choice items from text: context = a sentence minus its last word; choices = that word + others."""
+    sentences = []
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", text):
+            words = s.strip().rstrip(".!?").split()
+            if len(words) >= min_words and _WORD.match(words[-1]):
+                sentences.append(words)
+    vocab = sorted({w[-1] for w in sentences})
+    if len(vocab) < num_choices:
+        raise ValueError(f"text too short for cloze questions: only {len(vocab)} distinct candidate words")
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    items = []
+    for words in sentences[:num_questions]:
+        answer = words[-1]
+        choices = rng.sample([w for w in vocab if w != answer], num_choices - 1) + [answer]
+        rng.shuffle(choices)
+        items.append({"context": " ".join(words[:-1]), "choices": choices, "label": choices.index(answer)})
+    return items
+
+
+def write_multiple_choice_task(task_dir: str | os.PathLike, name: str, items: Sequence[dict[str, Any]]) -> Path:
+    """Write `items` as jsonl plus an lm-eval task YAML named `name` in `task_dir`; returns the YAML path."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"task name {name!r}: use letters, digits and underscores")
+    d = Path(task_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    yaml = d / f"{name}.yaml"
+    yaml.write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        'target_delimiter: " "\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    return yaml
+
+
+def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_path: str | os.PathLike | None = None,
+                batch_size: int = 4, limit: int | float | None = None, device: str = "cpu",
+                dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """Run lm-eval's `hf` model on an exported directory; returns {task: {metric: value}} (stderr included)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype={dtype}", tasks=list(tasks),
+        task_manager=manager, device=device, batch_size=batch_size, limit=limit, log_samples=False,
+        bootstrap_iters=1000,
+    )
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in out["results"].items():
+        scores[task] = {k.replace(",none", ""): float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and "," in k}
+    return scores
+
+
+def family_sizes(family_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The size entries of a family.json (each has 'dir', 'num_layers', 'params', ...)."""
+    path = Path(family_dir) / "family.json"
+    try:
+        family = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (is {family_dir} a family directory from `boomerang interpolate`?)") from None
+    return family["sizes"]
+
+
+def harness_over_family(family_dir: str | os.PathLike, tasks: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+    """Run the harness on every size of a family; one row per size: dir, layers, params, task/metric scores."""
+    rows = []
+    for size in family_sizes(family_dir):
+        scores = run_harness(Path(family_dir) / size["dir"], tasks, **kwargs)
+        row = {"dir": size["dir"], "num_layers": size["num_layers"], "params": size["params"]["total"]}
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                row[f"{task}/{metric}"] = value
+        rows.append(row)
+    return rows
+
+
+def merge_into_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], key: str = "dir") -> None:
+    """Add the columns of `rows` to the CSV at `path` (matched on `key`), creating it if needed."""
+    path = Path(path)
+    existing: list[dict[str, Any]] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            existing = list(csv.DictReader(f))
+    by_key = {r[key]: r for r in existing}
+    for row in rows:
+        by_key.setdefault(str(row[key]), {key: str(row[key])}).update({k: v for k, v in row.items()})
+    merged = list(by_key.values())
+    columns: list[str] = []
+    for r in merged:
+        columns += [c for c in r if c not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(merged)
+    os.replace(tmp, path)
+
+
+def add_lm_eval_arguments(parser: Any) -> None:
+    parser.add_argument("family_dir", help="a family directory (family.json) or a single HF directory")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", help="directory of local task YAMLs (offline tasks)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--limit", type=float, help="examples per task (for a quick look)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results-csv", help="CSV to add the scores to (default: FAMILY_DIR/lm_eval.csv)")
+
+
+def lm_eval_command(args: Any) -> int:
+    """`boomerang lm-eval`: run the harness on every size and add the scores to a CSV."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    kwargs = dict(include_path=args.include_path, batch_size=args.batch_size, device=args.device,
+                  limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit)
+    family_dir = Path(args.family_dir)
+    if (family_dir / "family.json").exists():
+        rows = harness_over_family(family_dir, tasks, **kwargs)
+    else:
+        scores = run_harness(family_dir, tasks, **kwargs)
+        rows = [{"dir": family_dir.name, **{f"{t}/{m}": v for t, ms in scores.items() for m, v in ms.items()}}]
+    out = Path(args.results_csv) if args.results_csv else family_dir / "lm_eval.csv"
+    merge_into_csv(out, rows)
+    for row in rows:
+        print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"scores added to {out}")
+    return 0
