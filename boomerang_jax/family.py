@@ -111,6 +111,7 @@ def open_hf_source(path: str | os.PathLike, *, plan: LayerPlan | None = None) ->
     config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
     expected = {e.name(i): e.hf_shape for e, i in names.export_order(config)}
     tensor_file: dict[str, SafetensorsFile] = {}
+    embedding = names.export_order(config)[0][0].name()  # the stored dtype is the embedding's
     dtype = None
     for f in safetensors_files(model_dir):
         st = SafetensorsFile(f)
@@ -125,7 +126,8 @@ def open_hf_source(path: str | os.PathLike, *, plan: LayerPlan | None = None) ->
                 raise CheckpointError(f"{f}: tensor {spec.name!r} has shape {spec.shape}, "
                                       f"expected {expected[spec.name]}")
             tensor_file[spec.name] = st
-            dtype = dtype or spec.dtype
+            if dtype is None or spec.name == embedding:
+                dtype = spec.dtype
     missing = [n for n in expected if n not in tensor_file]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -207,9 +209,10 @@ def layout_getter(lay: Layout, sources: dict[str, Source]) -> LeafGetter:
     return get
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if str(out).startswith("gs://"):
-        raise FamilyError(f"{out}: gs:// outputs are not supported by family export yet; write locally and copy")
+def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    if str(out_dir).startswith("gs://"):
+        raise FamilyError(f"{out_dir}: gs:// outputs are not supported by family export yet; write locally and copy")
+    out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FamilyError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
 
@@ -330,6 +333,7 @@ def export_family(
 
     Returns the family.json content. `plan` defaults to the student's own (from its boomerang_plan.json).
     """
+    _check_target(out_dir, overwrite)
     out = Path(out_dir)
     plan = plan or student.plan
     if plan is None:
@@ -337,7 +341,6 @@ def export_family(
     if order not in ORDERS:
         raise FamilyError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")
     check_compatible(student.config, teacher.config, plan)
-    _check_target(out, overwrite)
     steps = num_steps(plan)
     ks = list(range(steps + 1)) if ks is None else sorted(set(ks))
     for k in ks:

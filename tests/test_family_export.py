@@ -290,3 +290,9 @@ def test_mis_shaped_tensor_in_a_source_names_file_and_tensor(pairs, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' "
                                               r"has shape \(48, 32\), expected \(50, 32\)"):
         fam.open_source(path)
+
+
+def test_gs_output_is_a_clear_error_for_now(pairs):
+    t_dir, s_dir, _, _ = pairs["llama-tied"]
+    with pytest.raises(fam.FamilyError, match="gs://bucket/family: gs:// outputs are not supported"):
+        fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), "gs://bucket/family")
