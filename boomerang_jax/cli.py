@@ -71,6 +71,21 @@ def verify_command(args: argparse.Namespace) -> int:
     return verify_main(args)
 
 
+def distill_command(args: argparse.Namespace) -> int:
+    """`boomerang distill --config X.yaml [section.key=value ...]`: train (or resume) a student."""
+    from boomerang_jax import parallel
+    from boomerang_jax.distill.config import load_run_config
+
+    parallel.initialize_distributed()
+    from boomerang_jax.distill.train import run_distillation
+
+    cfg = load_run_config(args.config, args.overrides)
+    summary = run_distillation(cfg, max_steps=args.max_steps)
+    parallel.main_print(f"{summary['status']} at step {summary['step']}/{summary['total_steps']} "
+                        f"(run dir {summary['run_dir']})")
+    return 143 if summary["status"] == "preempted" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--atol", type=float, default=1e-3)
     p.set_defaults(func=verify_command)
+
+    p = sub.add_parser("distill", help="distill a student from its teacher (resumes from the run's checkpoints)")
+    p.add_argument("--config", help="run config YAML (configs/*.yaml); defaults fill what it leaves out")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.train.batch_size=4")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps of this invocation")
+    p.set_defaults(func=distill_command)
 
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
     from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command

@@ -1,0 +1,137 @@
+"""A distillation run's configuration: one YAML file (configs/*.yaml) plus `section.key=value` overrides.
+
+Sections: `teacher`, `plan`, `student`, `data` (grain DataConfig for training, plus optional `eval`),
+`mesh`, `train` (TrainConfig), `loss` (LossConfig), `run` (directories, checkpoint/eval/log cadence).
+Unknown keys are errors naming the key and the known ones, so a typo never silently trains something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from boomerang_jax.distill.loss import LossConfig
+from boomerang_jax.distill.step import TrainConfig
+
+
+class RunConfigError(ValueError):
+    """A run configuration with an unknown key, a bad value or a missing required setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Where a run writes and how often it checkpoints, evaluates and logs."""
+
+    dir: str = "runs/distill"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    export_student: bool = True  # write the final student as an HF dir (with its plan) under dir/student
+    peak_tflops: float | None = None  # per device, bf16; None: guessed from the device kind (for MFU)
+    progress: bool = True
+
+
+DEFAULTS: dict[str, Any] = {
+    "teacher": "smollm2-135m",
+    "plan": {"every": 2, "first": 1, "last": 2},
+    "student": None,  # None: prune the teacher with the plan; or an HF dir of a student (with its plan)
+    "data": {"train": None, "eval": None},
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    "train": {},
+    "loss": {},
+    "run": {},
+}
+
+
+def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise RunConfigError(f"unknown {section} key(s) {unknown}; known: {sorted(known)}")
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _numbers(obj: Any) -> Any:
+    """YAML 1.1 reads `3e-4` as a string; every number-looking string becomes an int or float."""
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers(v) for v in obj]
+    if isinstance(obj, str) and _NUMBER.match(obj.strip()):
+        text = obj.strip()
+        return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+    return obj
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return _numbers(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`train.lr=1e-3`, `data.train.batch_size=4`, `teacher=path` ... (values parsed as YAML scalars)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        if parts[0] not in DEFAULTS:
+            raise RunConfigError(f"override {item!r}: unknown section {parts[0]!r}; known: {sorted(DEFAULTS)}")
+        node = cfg
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise RunConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return cfg
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML run config, fill defaults, apply overrides, validate every section's keys."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        try:
+            loaded = _numbers(yaml.safe_load(Path(path).read_text()) or {})
+        except FileNotFoundError:
+            raise RunConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise RunConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
+        for k, v in loaded.items():
+            cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, dict) else v
+    cfg = apply_overrides(cfg, overrides)
+    _check_keys("train", cfg["train"], TrainConfig)
+    _check_keys("loss", cfg["loss"], LossConfig)
+    _check_keys("run", cfg["run"], RunSettings)
+    if not cfg["data"].get("train"):
+        raise RunConfigError("data.train is required: a prepared dataset section (path, seq_len, batch_size, ...)")
+    return cfg
+
+
+def train_config(cfg: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig(**cfg["train"])
+
+
+def loss_config(cfg: Mapping[str, Any]) -> LossConfig:
+    return LossConfig(**cfg["loss"])
+
+
+def run_settings(cfg: Mapping[str, Any]) -> RunSettings:
+    return RunSettings(**cfg["run"])
