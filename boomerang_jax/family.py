@@ -163,7 +163,9 @@ def open_source(spec: str | os.PathLike) -> Source:
     if s.startswith("gs://"):
         raise FamilyError(f"{s}: gs:// sources are not supported by family export yet; copy the model locally")
     path = Path(s)
-    for reader in CHECKPOINT_READERS:
+    from boomerang_jax.distill.checkpoint import read_student_checkpoint
+
+    for reader in (*CHECKPOINT_READERS, read_student_checkpoint):
         found = reader(path)
         if found is not None:
             return found

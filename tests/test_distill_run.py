@@ -167,3 +167,27 @@ def test_shipped_configs_load():
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         cfg = load_run_config(path)
         assert cfg["train"]["total_steps"] >= 1, path
+
+
+def test_interpolate_reads_the_family_straight_from_a_training_checkpoint(setup):
+    from boomerang_jax.cli import main as cli_main
+    from boomerang_jax.distill.train import run_distillation
+    from boomerang_jax.hf.checkpoint import load_hf
+
+    root, teacher = setup
+    run_distillation(load_run_config(write_config(root, teacher, "fam", total_steps=2), ["run.eval_every=0"]))
+    out = root / "fam-family"
+    assert cli_main(["interpolate", "--student", str(root / "fam"), "--teacher", str(teacher), "--sizes", "all",
+                     "--out", str(out)]) == 0
+    family = json.loads((out / "family.json").read_text())
+    assert [s["num_layers"] for s in family["sizes"]] == [4, 5, 6]
+    student = load_hf(root / "fam" / "student")  # the run's own export of the final student
+    k0 = load_hf(out / family["sizes"][0]["dir"])
+    for a, b in zip(jax_leaves(student.params), jax_leaves(k0.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -10,9 +10,12 @@ resumes from the previous one.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -77,3 +80,54 @@ class Checkpointer:
 def abstract_like(shapes: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs with shardings attached: the restore target, allocated by orbax directly on the mesh."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _checkpoint_dir_and_step(path: Path) -> tuple[Path, int | None] | None:
+    """Accept a run dir (with checkpoints/), a checkpoints dir, or one step's dir; None if none of these."""
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and path.parent.is_dir() and (path / "meta").exists():
+        return path.parent, int(path.name)
+    if path.is_dir() and any(p.name.isdigit() and (p / "meta").exists() for p in path.iterdir()):
+        return path, None
+    return None
+
+
+def read_student_checkpoint(path: Path) -> Any:
+    """A family `Source` for the student of a distillation checkpoint (latest step unless a step dir is given).
+
+    Restores on the host without a mesh; the plan, configs and teacher config come from the checkpoint's meta.
+    Returns None when `path` is not a distillation checkpoint (so other readers can try).
+    """
+    from boomerang_jax.distill.step import TrainConfig, TrainState, make_optimizer
+    from boomerang_jax.family import source_from_params
+    from boomerang_jax.models.config import ModelConfig
+    from boomerang_jax.models.transformer import param_shapes
+    from boomerang_jax.surgery import LayerPlan
+
+    found = _checkpoint_dir_and_step(Path(path))
+    if found is None:
+        return None
+    directory, step = found
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{directory}: no complete checkpoint")
+        meta = ckpt.restore_meta(step)
+        sc = dict(meta["student_config"])
+        if isinstance(sc.get("eos_token_id"), list):
+            sc["eos_token_id"] = tuple(sc["eos_token_id"])
+        config = ModelConfig(**sc)
+        tcfg = TrainConfig(**meta["config"].get("train", {}))
+        shapes = param_shapes(config, jnp.dtype(tcfg.param_dtype))
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        abstract = TrainState(params=shapes, opt_state=jax.eval_shape(make_optimizer(tcfg).init, shapes),
+                              step=jax.ShapeDtypeStruct((), jnp.int32))
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
+        state, _, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    params = jax.tree.map(np.asarray, state.params)
+    return source_from_params(config, params, where=f"{directory} step {step}", hf_config=meta.get("hf_config"),
+                              plan=LayerPlan.from_dict(meta["plan"], source=f"{directory} step {step} meta"))
