@@ -246,18 +246,26 @@ def put(tree: Any, shardings: Any, dtype: Any = None) -> Any:
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
 
-    def one(x: Any, sharding: NamedSharding) -> jax.Array:
+    leaves, treedef = jax.tree.flatten(tree)
+    shards = treedef.flatten_up_to(shardings)
+    out: list[Any] = [None] * len(leaves)
+    to_cast: list[int] = []
+    for i, (x, sharding) in enumerate(zip(leaves, shards)):
         target = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
         if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
             # Always a fresh copy: the result may be donated to the train step without deleting `x`.
-            y = jax.device_put(x, sharding, may_alias=False)
-            return y if y.dtype == target else jax.jit(lambda a: a.astype(target), out_shardings=sharding)(y)
-        host = np.asarray(x)
-        if host.dtype != target:
-            host = host.astype(target)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(one, tree, shardings)
+            out[i] = jax.device_put(x, sharding, may_alias=False)
+            if out[i].dtype != target:
+                to_cast.append(i)
+        else:
+            host = np.asarray(x)
+            host = host if host.dtype == target else host.astype(target)
+            out[i] = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+    if to_cast:  # one compiled cast for all device leaves
+        cast = jax.jit(lambda xs: [x.astype(dtype) for x in xs], out_shardings=[shards[i] for i in to_cast])
+        for i, y in zip(to_cast, cast([out[i] for i in to_cast])):
+            out[i] = y
+    return jax.tree.unflatten(treedef, out)
 
 
 def process_batch_rows(global_batch_size: int, mesh: Mesh) -> slice:
@@ -290,8 +298,8 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, global_batch_size: 
 
 def to_host(tree: Any) -> Any:
     """Full numpy copies of (possibly multi-process sharded) arrays, on every process."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, jax.device_get(tree))
+    if jax.process_count() == 1:  # copies: a zero-copy view would pin the buffer and block donation on CPU
+        return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)

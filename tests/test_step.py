@@ -1,0 +1,233 @@
+"""The sharded distillation train step: optimiser recipe, micro-batching, mesh invariance, and that it distils."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from boomerang_jax import parallel, surgery
+from boomerang_jax.distill.loss import LossConfig
+from boomerang_jax.distill.step import Distiller, TrainConfig, TrainState, lr_schedule, make_optimizer
+from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.transformer import param_shapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEACHER = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
+
+def tiny_setup(seed: int = 0, scale: float = 0.15, **overrides):
+    """(teacher config, teacher params, plan, student Model): a random teacher perturbed so that its
+    predictions are far from uniform, and the student pruned from it (every other layer + the last)."""
+    cfg = ModelConfig.from_hf({**TINY_TEACHER, **overrides})
+    params = _perturbed_init(cfg, seed, scale)
+    plan = surgery.LayerPlan.from_knobs(cfg.num_layers, every=2, first=1, last=1)
+    return cfg, params, plan, surgery.prune(params, cfg, plan)
+
+
+def _perturbed_init(cfg: ModelConfig, seed: int, scale: float) -> dict:
+    """Random parameters straight from the shapes, in numpy (no model compile): norm scales 1 + noise,
+    everything else N(0, 0.02) + noise."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
+        std = 0.02 if s.ndim >= 2 else 0.0
+        return (base + rng.normal(0.0, std + scale, s.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+
+
+def make_batch(seed: int, batch: int, seq: int, vocab: int, pad_rows: int = 0) -> dict[str, np.ndarray]:
+    """A packed batch following the contract in distill/step.py: two documents per row, optional padding
+    at the end of a row, loss_mask 0 on padding and on each document's last token."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+    seg = np.zeros((batch, seq), np.int32)
+    pos = np.zeros((batch, seq), np.int32)
+    for r in range(batch):
+        used = seq - (rng.integers(1, seq // 3) if r < pad_rows else 0)
+        cut = int(rng.integers(2, used - 1))
+        seg[r, :cut], seg[r, cut:used] = 1, 2
+        pos[r, :cut], pos[r, cut:used] = np.arange(cut), np.arange(used - cut)
+    nxt = np.roll(tokens, -1, axis=1)
+    same_doc_next = (seg == np.roll(seg, -1, axis=1)) & (np.arange(seq) < seq - 1)
+    mask = ((seg != 0) & same_doc_next).astype(np.float32)
+    targets = np.where(mask != 0, nxt, 0).astype(np.int32)
+    tokens = np.where(seg != 0, tokens, 0).astype(np.int32)
+    return dict(tokens=tokens, targets=targets, segment_ids=seg, positions=pos, loss_mask=mask)
+
+
+def run_steps(mesh_spec: str, devices, n_steps: int, micro_batches: int = 1, compute_dtype: str = "float32",
+              batch_size: int = 8, seq: int = 16, lr: float = 1e-3):
+    """Train `n_steps` from the same start on the same batches; return (losses, host params, distiller)."""
+    cfg, tparams, plan, student = tiny_setup()
+    mesh = parallel.make_mesh(mesh_spec, devices)
+    d = Distiller(student.config, cfg, plan, mesh,
+                  TrainConfig(lr=lr, total_steps=10, warmup_steps=1, micro_batches=micro_batches,
+                              compute_dtype=compute_dtype, remat="full"),
+                  LossConfig(chunk=8))
+    teacher = d.put_teacher(tparams)
+    state = d.init_state(student.params)
+    losses = []
+    for i in range(n_steps):
+        state, m = d.step(state, teacher, d.put_batch(make_batch(i, batch_size, seq, cfg.vocab_size, pad_rows=3)))
+        losses.append({k: float(v) for k, v in m.items()})
+    return losses, parallel.to_host(state.params), d, teacher, state
+
+
+# ------------------------------------------------------------------------------------------- optimiser
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_end_value():
+    cfg = TrainConfig(lr=1.0, total_steps=110, warmup_steps=10, end_lr_ratio=0.1)
+    s = lr_schedule(cfg)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 4, 9)], [0.1, 0.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(float(s(10)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(s(60)), 0.1 + 0.9 * 0.5, rtol=1e-6)
+    np.testing.assert_allclose([float(s(110)), float(s(500))], [0.1, 0.1], rtol=1e-6)
+    assert TrainConfig(total_steps=500).warmup == 5 and TrainConfig(total_steps=10).warmup == 1
+
+
+def test_optimizer_is_clipped_adamw_with_the_papers_hyperparameters():
+    cfg = TrainConfig(lr=0.01, total_steps=100, warmup_steps=0)
+    opt = make_optimizer(cfg)
+    p = {"w": jnp.array([1.0, -2.0, 3.0])}
+    g = {"w": jnp.array([30.0, 40.0, 0.0])}  # norm 50 -> clipped to norm 1
+    upd, _ = opt.update(g, opt.init(p), p)
+    gc = np.array([0.6, 0.8, 0.0])
+    m, v = 0.1 * gc, 0.05 * gc**2  # (1 - b1) g, (1 - b2) g^2
+    mh, vh = m / 0.1, v / 0.05
+    expect = -0.01 * (mh / (np.sqrt(vh) + 1e-8) + 0.1 * np.array([1.0, -2.0, 3.0]))
+    np.testing.assert_allclose(np.asarray(upd["w"]), expect, rtol=1e-5)
+
+
+def test_bad_train_configs_are_rejected():
+    with pytest.raises(ValueError, match="remat 'most'"):
+        TrainConfig(remat="most")
+    with pytest.raises(ValueError, match="micro_batches"):
+        TrainConfig(micro_batches=0)
+
+
+# ----------------------------------------------------------------------------------------------- step
+@pytest.fixture(scope="module")
+def one_device_runs():
+    """Single-device runs shared by several tests (compiling is the slow part)."""
+    out = {}
+    for k in (1, 2):
+        losses, params, d, teacher, state = run_steps("data=1", jax.devices()[:1], n_steps=1, micro_batches=k)
+        out[k] = (losses, params, d, teacher, state)
+    return out
+
+
+def test_gradient_accumulation_over_micro_batches_equals_one_step_on_the_whole_batch(one_device_runs):
+    (l1, p1, *_), (l2, p2, *_) = one_device_runs[1], one_device_runs[2]
+    for key in ("loss", "ce", "kl", "cos", "tokens", "grad_norm"):
+        np.testing.assert_allclose(l2[0][key], l1[0][key], rtol=2e-5, err_msg=key)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p2)):
+        # Adam's first update is about lr * sign(g) (lr = 1e-3), so tiny gradient entries may move by a few 1e-6
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_state_is_a_plain_donated_pytree_with_fp32_master_weights(one_device_runs):
+    _, _, d, teacher, state = one_device_runs[1]
+    assert isinstance(state, TrainState) and int(state.step) == 1
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(teacher))
+    batch = d.put_batch(make_batch(5, 8, 16, TINY_TEACHER["vocab_size"]))
+    new, _ = d.step(state, teacher, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(teacher))
+    assert int(new.step) == 2
+    # the train-state pytree round-trips through flatten/unflatten (what a checkpointer needs)
+    leaves, treedef = jax.tree.flatten(new)
+    assert isinstance(jax.tree.unflatten(treedef, leaves), TrainState)
+
+
+def test_batches_that_do_not_fit_the_step_are_clear_errors(one_device_runs):
+    _, _, d, teacher, state = one_device_runs[2]
+    with pytest.raises(parallel.MeshError, match="not divisible into 2 micro-batches"):
+        d.put_batch(make_batch(0, 7, 16, TINY_TEACHER["vocab_size"]))
+    with pytest.raises(KeyError, match="loss_mask"):
+        d.put_batch({k: v for k, v in make_batch(0, 8, 16, 96).items() if k != "loss_mask"})
+
+
+def test_distillation_lowers_the_kl_to_the_teacher():
+    # Random tokens make CE pull towards the data's uniform unigram, away from the teacher, so this run
+    # distils with KL + cosine only (bf16 compute, the default); held-out KL must fall by 40%+.
+    cfg, tparams, plan, student = tiny_setup(seed=3)
+    mesh = parallel.make_mesh("data=1", jax.devices()[:1])
+    d = Distiller(student.config, cfg, plan, mesh,
+                  TrainConfig(lr=3e-3, total_steps=30, warmup_steps=2, remat="none"),
+                  LossConfig(w_ce=0.0, w_kl=1.0, chunk=16))
+    teacher = d.put_teacher(tparams)
+    state = d.init_state(student.params)
+    held_out = d.put_batch(make_batch(1000, 16, 32, cfg.vocab_size, pad_rows=4))
+    before = {k: float(v) for k, v in d.evaluate(state.params, teacher, held_out).items()}
+    for i in range(30):
+        state, m = d.step(state, teacher, d.put_batch(make_batch(i, 16, 32, cfg.vocab_size)))
+        assert np.isfinite(float(m["loss"]))
+    after = {k: float(v) for k, v in d.evaluate(state.params, teacher, held_out).items()}
+    assert after["kl"] < 0.6 * before["kl"], (before, after)
+    assert after["cos"] < before["cos"] and after["loss"] < before["loss"], (before, after)
+
+
+# ------------------------------------------------------------------------------------- 8 forced CPU devices
+_EIGHT_DEVICES = r"""
+import json, jax, numpy as np
+from boomerang_jax import parallel
+from tests.test_step import run_steps
+assert len(jax.devices()) == 8
+out = {}
+for name, spec, devices in [("mesh", "data=2,fsdp=2,tensor=2", None), ("single", "data=1", jax.devices()[:1])]:
+    losses, params, d, teacher, state = run_steps(spec, devices, n_steps=2, micro_batches=1)
+    np.savez(f"{OUT}/{name}.npz", **{jax.tree_util.keystr(p): x for p, x in
+                                     jax.tree_util.tree_flatten_with_path(params)[0]})
+    out[name] = dict(losses=losses, teacher_bytes=parallel.bytes_per_device(teacher),
+                     teacher_specs={jax.tree_util.keystr(p): str(x.sharding.spec)
+                                    for p, x in jax.tree_util.tree_flatten_with_path(teacher)[0]},
+                     teacher_full=sum(x.nbytes for x in jax.tree.leaves(teacher)),
+                     state_bytes=parallel.bytes_per_device(state.params),
+                     state_full=sum(x.nbytes for x in jax.tree.leaves(state.params)))
+for name, spec, devices in [("mesh_bf16", "data=2,fsdp=2,tensor=2", None), ("single_bf16", "data=1", jax.devices()[:1])]:
+    out[name] = run_steps(spec, devices, n_steps=1, micro_batches=2, compute_dtype="bfloat16")[0]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_step_on_an_eight_device_mesh_matches_one_device_and_shards_the_teacher(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _EIGHT_DEVICES], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    mesh, single = out["mesh"], out["single"]
+    for step, (a, b) in enumerate(zip(mesh["losses"], single["losses"])):
+        for key in ("loss", "ce", "kl", "cos", "grad_norm", "tokens"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=f"step {step} {key}")
+    pm, ps = np.load(tmp_path / "mesh.npz"), np.load(tmp_path / "single.npz")
+    assert sorted(pm.files) == sorted(ps.files)
+    for name in ps.files:
+        np.testing.assert_allclose(pm[name], ps[name], atol=5e-6, rtol=1e-5, err_msg=name)
+    # The teacher is sharded, not replicated: 8 devices each hold about a quarter of it (fsdp x tensor = 4),
+    # and every weight matrix is split over both axes.
+    assert len(mesh["teacher_bytes"]) == 8
+    assert max(mesh["teacher_bytes"].values()) <= mesh["teacher_full"] / 4 + 512
+    assert sum(mesh["teacher_bytes"].values()) <= 2 * mesh["teacher_full"] + 8 * 512
+    specs = mesh["teacher_specs"]
+    assert specs["['embed']['embedding']"] == str(P("tensor", "fsdp"))
+    assert specs["['layers']['attn']['q_proj']['kernel']"] == str(P(None, "fsdp", "tensor"))
+    assert specs["['layers']['mlp']['down_proj']['kernel']"] == str(P(None, "tensor", "fsdp"))
+    assert max(mesh["state_bytes"].values()) <= mesh["state_full"] / 4 + 512
+    assert max(single["teacher_bytes"].values()) == single["teacher_full"]
+    # bf16 compute with 2 micro-batches: same loss up to bf16 rounding of differently ordered sums
+    for key in ("loss", "ce", "kl", "cos", "grad_norm"):
+        np.testing.assert_allclose(out["mesh_bf16"][0][key], out["single_bf16"][0][key], rtol=2e-2, err_msg=key)
