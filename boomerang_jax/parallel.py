@@ -268,11 +268,11 @@ def put(tree: Any, shardings: Any, dtype: Any = None) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def process_batch_rows(global_batch_size: int, mesh: Mesh) -> slice:
-    """The rows of the global batch this process must load (its devices' contiguous share of the batch)."""
+def process_batch_rows(size: int, mesh: Mesh) -> slice:
+    """The rows of a global batch of `size` rows that this process must load (its devices' contiguous share)."""
     sharding = batch_sharding(mesh)
-    index_map = sharding.addressable_devices_indices_map((global_batch_size, 1))
-    rows = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
+    index_map = sharding.addressable_devices_indices_map((size, 1))
+    rows = sorted({(idx[0].start or 0, size if idx[0].stop is None else idx[0].stop)
                    for idx in index_map.values()})
     start, stop = rows[0][0], rows[-1][1]
     covered = sum(b - a for a, b in rows)
@@ -281,17 +281,25 @@ def process_batch_rows(global_batch_size: int, mesh: Mesh) -> slice:
     return slice(start, stop)
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, global_batch_size: int | None = None
-                 ) -> dict[str, jax.Array]:
-    """Each process's local rows (see `process_batch_rows`) -> one global batch sharded over ("data", "fsdp").
+def global_batch_size(local_rows: int, mesh: Mesh) -> int:
+    """The global batch size when this process holds `local_rows` rows (processes may share rows when the
+    batch is replicated across them, e.g. a tensor axis that spans hosts)."""
+    n = batch_shards(mesh)
+    mine = process_batch_rows(n, mesh)
+    held = mine.stop - mine.start  # of n one-row shards, this process holds `held`
+    if local_rows % held:
+        raise MeshError(f"{local_rows} local rows do not split over this process's {held} batch shards")
+    return local_rows // held * n
 
-    On one process the local batch is the global batch.
-    """
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, size: int | None = None) -> dict[str, jax.Array]:
+    """Each process's local rows (see `process_batch_rows`) -> one global batch of `size` rows (default: from
+    `global_batch_size`) sharded over ("data", "fsdp"). On one process the local batch is the global batch."""
     sharding = batch_sharding(mesh)
     out = {}
     for k, v in local_batch.items():
         v = np.asarray(v)
-        gb = global_batch_size or v.shape[0] * jax.process_count()
+        gb = size or global_batch_size(v.shape[0], mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, v, (gb,) + v.shape[1:])
     return out
 

@@ -72,7 +72,9 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
     multihost_utils.assert_equal(params, "processes ended with different parameters")
     local_teacher = sum(s.data.nbytes for x in jax.tree.leaves(teacher) for s in x.addressable_shards)
     full_teacher = sum(x.nbytes for x in jax.tree.leaves(teacher))
-    rows = parallel.process_batch_rows(BATCH, parallel.make_mesh("data=1,fsdp=2,tensor=2"))
+    mesh = parallel.make_mesh("data=1,fsdp=2,tensor=2")
+    rows = parallel.process_batch_rows(BATCH, mesh)
+    assert parallel.global_batch_size(rows.stop - rows.start, mesh) == BATCH
     if parallel.is_main_process():  # only process 0 writes
         np.savez(Path(out_dir) / "params.npz", **_flat(params))
         (Path(out_dir) / "result.json").write_text(json.dumps(dict(losses=losses, rows=[rows.start, rows.stop],

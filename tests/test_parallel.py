@@ -134,6 +134,7 @@ def test_batch_size_checks_name_the_sizes():
 def test_single_process_loads_the_whole_batch_and_gets_it_back():
     mesh = parallel.make_mesh()
     assert parallel.process_batch_rows(8, mesh) == slice(0, 8)
+    assert parallel.global_batch_size(8, mesh) == 8
     local = {"tokens": np.arange(16, dtype=np.int32).reshape(8, 2)}
     g = parallel.global_batch(local, mesh)
     assert g["tokens"].shape == (8, 2) and g["tokens"].sharding.spec == P(parallel.BATCH_AXES, None)
@@ -198,6 +199,7 @@ batch = {"tokens": np.arange(32, dtype=np.int32).reshape(8, 4)}
 g = parallel.global_batch(batch, mesh)["tokens"]
 out["rows_per_device"] = sorted({s.data.shape[0] for s in g.addressable_shards})
 out["rows"] = [parallel.process_batch_rows(8, mesh).start, parallel.process_batch_rows(8, mesh).stop]
+out["global_size"] = parallel.global_batch_size(8, mesh)
 try:
     parallel.check_batch_size(6, mesh)
 except parallel.MeshError as e:
@@ -223,5 +225,5 @@ def test_parameters_and_batches_are_sharded_on_eight_cpu_devices():
     # every weight is split 4 ways (fsdp x tensor); only tiny 1-D norms might not be
     assert out["max_device_bytes"] <= out["full_bytes"] / 4 + 1024
     assert out["rows_per_device"] == [2]  # 8 rows over data x fsdp = 4
-    assert out["rows"] == [0, 8]
+    assert out["rows"] == [0, 8] and out["global_size"] == 8
     assert "not divisible by data x fsdp = 4" in out["batch_error"]

@@ -186,37 +186,42 @@ import json, jax, numpy as np
 from boomerang_jax import parallel
 from tests.test_step import run_steps
 assert len(jax.devices()) == 8
-out = {}
-for name, spec, devices in [("mesh", "data=2,fsdp=2,tensor=2", None), ("single", "data=1", jax.devices()[:1])]:
-    losses, params, d, teacher, state = run_steps(spec, devices, n_steps=2, micro_batches=1)
-    np.savez(f"{OUT}/{name}.npz", **{jax.tree_util.keystr(p): x for p, x in
-                                     jax.tree_util.tree_flatten_with_path(params)[0]})
-    out[name] = dict(losses=losses, teacher_bytes=parallel.bytes_per_device(teacher),
-                     teacher_specs={jax.tree_util.keystr(p): str(x.sharding.spec)
-                                    for p, x in jax.tree_util.tree_flatten_with_path(teacher)[0]},
-                     teacher_full=sum(x.nbytes for x in jax.tree.leaves(teacher)),
-                     state_bytes=parallel.bytes_per_device(state.params),
-                     state_full=sum(x.nbytes for x in jax.tree.leaves(state.params)))
-for name, spec, devices in [("mesh_bf16", "data=2,fsdp=2,tensor=2", None), ("single_bf16", "data=1", jax.devices()[:1])]:
-    out[name] = run_steps(spec, devices, n_steps=1, micro_batches=2, compute_dtype="bfloat16")[0]
+losses, params, d, teacher, state = run_steps("data=2,fsdp=2,tensor=2", None, n_steps=1, micro_batches=1)
+np.savez(f"{OUT}/mesh.npz", **{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]})
+out = dict(losses=losses, teacher_bytes=parallel.bytes_per_device(teacher),
+           teacher_specs={jax.tree_util.keystr(p): str(x.sharding.spec)
+                          for p, x in jax.tree_util.tree_flatten_with_path(teacher)[0]},
+           teacher_full=sum(x.nbytes for x in jax.tree.leaves(teacher)),
+           state_bytes=parallel.bytes_per_device(state.params),
+           state_full=sum(x.nbytes for x in jax.tree.leaves(state.params)))
+out["bf16_losses"] = run_steps("data=2,fsdp=2,tensor=2", None, n_steps=1, micro_batches=2, compute_dtype="bfloat16")[0]
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_step_on_an_eight_device_mesh_matches_one_device_and_shards_the_teacher(tmp_path):
+def test_step_on_an_eight_device_mesh_matches_one_device_and_shards_the_teacher(tmp_path, one_device_runs):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _EIGHT_DEVICES], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
-    mesh, single = out["mesh"], out["single"]
-    for step, (a, b) in enumerate(zip(mesh["losses"], single["losses"])):
-        for key in ("loss", "ce", "kl", "cos", "grad_norm", "tokens"):
-            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=f"step {step} {key}")
-    pm, ps = np.load(tmp_path / "mesh.npz"), np.load(tmp_path / "single.npz")
-    assert sorted(pm.files) == sorted(ps.files)
-    for name in ps.files:
-        np.testing.assert_allclose(pm[name], ps[name], atol=5e-6, rtol=1e-5, err_msg=name)
+    proc = subprocess.Popen([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _EIGHT_DEVICES], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # meanwhile, the one-device bf16 reference (fp32 comes from the shared fixture: same config, 1 step)
+        single_bf16 = run_steps("data=1", jax.devices()[:1], n_steps=1, micro_batches=2, compute_dtype="bfloat16")[0]
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    mesh = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
+    single_losses, single_params, _, single_teacher, _ = one_device_runs[1]
+    for key in ("loss", "ce", "kl", "cos", "grad_norm", "tokens"):
+        np.testing.assert_allclose(mesh["losses"][0][key], single_losses[0][key], rtol=2e-5, err_msg=key)
+    pm = np.load(tmp_path / "mesh.npz")
+    ps = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(single_params)[0]}
+    assert sorted(pm.files) == sorted(ps)
+    for name, want in ps.items():
+        # Adam's first update is about lr * sign(g), so near-zero gradient entries may move by a few 1e-6
+        np.testing.assert_allclose(pm[name], want, atol=2e-5, rtol=1e-5, err_msg=name)
     # The teacher is sharded, not replicated: 8 devices each hold about a quarter of it (fsdp x tensor = 4),
     # and every weight matrix is split over both axes.
     assert len(mesh["teacher_bytes"]) == 8
@@ -227,7 +232,7 @@ def test_step_on_an_eight_device_mesh_matches_one_device_and_shards_the_teacher(
     assert specs["['layers']['attn']['q_proj']['kernel']"] == str(P(None, "fsdp", "tensor"))
     assert specs["['layers']['mlp']['down_proj']['kernel']"] == str(P(None, "tensor", "fsdp"))
     assert max(mesh["state_bytes"].values()) <= mesh["state_full"] / 4 + 512
-    assert max(single["teacher_bytes"].values()) == single["teacher_full"]
+    assert max(parallel.bytes_per_device(single_teacher).values()) == mesh["teacher_full"]
     # bf16 compute with 2 micro-batches: same loss up to bf16 rounding of differently ordered sums
     for key in ("loss", "ce", "kl", "cos", "grad_norm"):
-        np.testing.assert_allclose(out["mesh_bf16"][0][key], out["single_bf16"][0][key], rtol=2e-2, err_msg=key)
+        np.testing.assert_allclose(mesh["bf16_losses"][0][key], single_bf16[0][key], rtol=2e-2, err_msg=key)

@@ -216,7 +216,7 @@ class Distiller:
         if missing:
             raise KeyError(f"batch lacks {missing}; a batch needs {list(BATCH_KEYS)}")
         local = {k: batch[k] for k in BATCH_KEYS}
-        global_rows = next(iter(local.values())).shape[0] * jax.process_count()
+        global_rows = parallel.global_batch_size(next(iter(local.values())).shape[0], self.mesh)
         parallel.check_batch_size(global_rows, self.mesh, self.train_cfg.micro_batches)
         return parallel.global_batch(local, self.mesh, global_rows)
 
