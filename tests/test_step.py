@@ -156,6 +156,12 @@ def test_batches_that_do_not_fit_the_step_are_clear_errors(one_device_runs):
     _, _, d, teacher, state = one_device_runs[2]
     with pytest.raises(parallel.MeshError, match="not divisible into 2 micro-batches"):
         d.put_batch(make_batch(0, 7, 16, TINY_TEACHER["vocab_size"]))
+    student = tiny_setup()[3].params  # 3 layers
+    with pytest.raises(ValueError, match=r"teacher parameter \['layers'\]\['attn'\]\['k_proj'\]\['kernel'\] "
+                                         r"has shape \(3, 32, 16\), the config expects \(4, 32, 16\)"):
+        d.put_teacher(student)
+    with pytest.raises(ValueError, match=r"student parameters lack \['embed'\]\['embedding'\]"):
+        d.init_state({k: v for k, v in student.items() if k != "embed"})
     with pytest.raises(KeyError, match="loss_mask"):
         d.put_batch({k: v for k, v in make_batch(0, 8, 16, 96).items() if k != "loss_mask"})
 

@@ -176,6 +176,7 @@ class Distiller:
 
         student_shapes = param_shapes(student_config, jnp.dtype(train_cfg.param_dtype))
         teacher_shapes = param_shapes(teacher_config, jnp.dtype(train_cfg.teacher_dtype))
+        self._shapes = {"student": student_shapes, "teacher": teacher_shapes}
         self.param_shardings = parallel.param_shardings(student_shapes, student_config, mesh)
         self.teacher_shardings = parallel.param_shardings(teacher_shapes, teacher_config, mesh)
         opt_shapes = jax.eval_shape(self.optimizer.init, student_shapes)
@@ -202,10 +203,12 @@ class Distiller:
     # ---- placing things on the mesh
     def put_teacher(self, teacher_params: Params) -> Params:
         """The frozen teacher in `teacher_dtype`, sharded by the partition rules (never replicated per device)."""
+        _check_tree(teacher_params, self._shapes["teacher"], "teacher")
         return parallel.put(teacher_params, self.teacher_shardings, self.train_cfg.teacher_dtype)
 
     def init_state(self, student_params: Params) -> TrainState:
         """Fresh train state: student master weights in `param_dtype`, zero AdamW moments, step 0, all sharded."""
+        _check_tree(student_params, self._shapes["student"], "student")
         params = parallel.put(student_params, self.param_shardings, self.train_cfg.param_dtype)
         step = parallel.put(jnp.zeros((), jnp.int32), self.state_shardings.step)
         return TrainState(params=params, opt_state=self._init_opt(params), step=step)
@@ -311,3 +314,18 @@ def _opt_state_shardings(opt_shapes: Any, param_shapes: Params, param_shardings:
         return parallel.replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, opt_shapes)
+
+
+def _check_tree(params: Params, shapes: Params, what: str) -> None:
+    """Raise ValueError naming the first parameter that is missing, extra or of the wrong shape."""
+    def flat(tree: Any) -> dict[str, tuple[int, ...]]:
+        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    got, want = flat(params), flat(shapes)
+    for name in sorted(set(want) | set(got)):
+        if name not in got:
+            raise ValueError(f"{what} parameters lack {name} {want[name]} (does the config match the weights?)")
+        if name not in want:
+            raise ValueError(f"{what} parameters have an unexpected {name} {got[name]} for this config")
+        if got[name] != want[name]:
+            raise ValueError(f"{what} parameter {name} has shape {got[name]}, the config expects {want[name]}")
