@@ -292,6 +292,18 @@ def global_batch_size(local_rows: int, mesh: Mesh) -> int:
     return local_rows // held * n
 
 
+def process_data_shard(mesh: Mesh) -> tuple[int, int]:
+    """(shard index, number of shards) this process should read from the data, e.g. for a per-host iterator.
+
+    Use this rather than (process_index, process_count): processes whose devices hold the same batch rows
+    (a batch replicated across hosts) must read the same data shard.
+    """
+    n = batch_shards(mesh)
+    mine = process_batch_rows(n, mesh)
+    held = mine.stop - mine.start
+    return mine.start // held, n // held
+
+
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, size: int | None = None) -> dict[str, jax.Array]:
     """Each process's local rows (see `process_batch_rows`) -> one global batch of `size` rows (default: from
     `global_batch_size`) sharded over ("data", "fsdp"). On one process the local batch is the global batch."""

@@ -75,6 +75,7 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
     mesh = parallel.make_mesh("data=1,fsdp=2,tensor=2")
     rows = parallel.process_batch_rows(BATCH, mesh)
     assert parallel.global_batch_size(rows.stop - rows.start, mesh) == BATCH
+    assert parallel.process_data_shard(mesh) == (process_id, 2)
     if parallel.is_main_process():  # only process 0 writes
         np.savez(Path(out_dir) / "params.npz", **_flat(params))
         (Path(out_dir) / "result.json").write_text(json.dumps(dict(losses=losses, rows=[rows.start, rows.stop],

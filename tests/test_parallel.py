@@ -135,6 +135,7 @@ def test_single_process_loads_the_whole_batch_and_gets_it_back():
     mesh = parallel.make_mesh()
     assert parallel.process_batch_rows(8, mesh) == slice(0, 8)
     assert parallel.global_batch_size(8, mesh) == 8
+    assert parallel.process_data_shard(mesh) == (0, 1)
     local = {"tokens": np.arange(16, dtype=np.int32).reshape(8, 2)}
     g = parallel.global_batch(local, mesh)
     assert g["tokens"].shape == (8, 2) and g["tokens"].sharding.spec == P(parallel.BATCH_AXES, None)
