@@ -30,7 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from boomerang_jax.models.config import ModelConfig
 
@@ -54,7 +55,7 @@ class MeshConfig:
     tensor: int = 1
 
     @classmethod
-    def parse(cls, spec: str | Mapping[str, int] | "MeshConfig") -> "MeshConfig":
+    def parse(cls, spec: str | Mapping[str, int] | MeshConfig) -> MeshConfig:
         """From 'data=2,fsdp=-1,tensor=1' (any subset; missing axes keep their defaults) or a mapping."""
         if isinstance(spec, MeshConfig):
             return spec

@@ -90,9 +90,12 @@ def test_two_processes_train_like_one(tmp_path):
     port = parallel.free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_multihost", str(i), "2", str(port), str(tmp_path)],
-                              cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"worker{i}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.test_multihost", str(i), "2", str(port), str(tmp_path)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         # the single-process reference runs here meanwhile (1 device, whole batch)
         import jax
@@ -106,8 +109,6 @@ def test_two_processes_train_like_one(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for f in logs:
-            f.close()
     out = "\n".join(f"--- worker {i}\n" + (tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
     assert [p.returncode for p in procs] == [0, 0], out
     # only process 0 wrote, and it wrote everything

@@ -16,7 +16,13 @@ from jax.sharding import PartitionSpec as P
 
 from boomerang_jax import parallel, surgery
 from boomerang_jax.distill.loss import LossConfig
-from boomerang_jax.distill.step import Distiller, TrainConfig, TrainState, lr_schedule, make_optimizer
+from boomerang_jax.distill.step import (
+    Distiller,
+    TrainConfig,
+    TrainState,
+    lr_schedule,
+    make_optimizer,
+)
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
 
@@ -153,7 +159,7 @@ def test_state_is_a_plain_donated_pytree_with_fp32_master_weights(one_device_run
 
 
 def test_batches_that_do_not_fit_the_step_are_clear_errors(one_device_runs):
-    _, _, d, teacher, state = one_device_runs[2]
+    d = one_device_runs[2][2]
     with pytest.raises(parallel.MeshError, match="not divisible into 2 micro-batches"):
         d.put_batch(make_batch(0, 7, 16, TINY_TEACHER["vocab_size"]))
     student = tiny_setup()[3].params  # 3 layers

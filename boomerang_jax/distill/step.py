@@ -21,17 +21,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from boomerang_jax import parallel
 from boomerang_jax.distill.loss import LossConfig, distill_loss
 from boomerang_jax.models.config import ModelConfig
-from boomerang_jax.models.transformer import REMAT_POLICIES, Params, forward, head_kernel, param_shapes
+from boomerang_jax.models.transformer import (
+    REMAT_POLICIES,
+    Params,
+    forward,
+    head_kernel,
+    param_shapes,
+)
 from boomerang_jax.surgery import LayerPlan
 
 Batch = dict[str, jax.Array]
@@ -163,9 +171,11 @@ class Distiller:
         teacher_config: ModelConfig,
         plan: LayerPlan,
         mesh: Mesh,
-        train_cfg: TrainConfig = TrainConfig(),
-        loss_cfg: LossConfig = LossConfig(),
+        train_cfg: TrainConfig | None = None,
+        loss_cfg: LossConfig | None = None,
     ) -> None:
+        train_cfg = TrainConfig() if train_cfg is None else train_cfg
+        loss_cfg = LossConfig() if loss_cfg is None else loss_cfg
         if plan.num_student_layers != student_config.num_layers or plan.num_teacher_layers != teacher_config.num_layers:
             raise ValueError(f"plan ({plan.num_student_layers} <- {plan.num_teacher_layers} layers) does not fit "
                              f"student ({student_config.num_layers}) / teacher ({teacher_config.num_layers})")
@@ -299,7 +309,7 @@ class Distiller:
 def _opt_state_shardings(opt_shapes: Any, param_shapes: Params, param_shardings: Params, mesh: Mesh) -> Any:
     """Shardings of an optax state: a leaf that mirrors a parameter (same trailing dict path and shape, e.g.
     an Adam moment) gets that parameter's sharding; everything else (counters) is replicated."""
-    flat = lambda tree: {tuple(k.key for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
+    flat = lambda tree: {tuple(k.key for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     shardings, shapes = flat(param_shardings), flat(param_shapes)
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
