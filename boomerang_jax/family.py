@@ -1,9 +1,12 @@
 """Family export: write every interpolated size of a student/teacher pair as HF directories plus `family.json`.
 
 Tensors stream from memory-mapped safetensors (or in-memory params) straight into each size's files, layer by
-layer, so peak host memory is about teacher + student whatever the number of sizes. The whole family is
-assembled in a hidden sibling directory and renamed into place at the end: a failed run leaves any previous
-family untouched. Local paths only for now (`gs://` later).
+layer, so peak host memory is about teacher + student whatever the number of sizes. Output and inputs may be
+local or `gs://` (boomerang_jax.storage). Locally the whole family is assembled in a hidden sibling directory
+and renamed into place at the end: a failed run leaves any previous family untouched. On a bucket each size
+is uploaded as soon as it is written (its config.json last) and `family.json` goes up at the very end, after
+every size: readers require it, so an interrupted export never looks complete (an interrupted `--overwrite`
+leaves no complete family at all: rerun it).
 
 A student HF directory carries its layer plan in `boomerang_plan.json` (see `save_student`); `--plan`
 overrides it. Orbax training checkpoints plug in through `CHECKPOINT_READERS`.
@@ -15,20 +18,19 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from boomerang_jax import storage
 from boomerang_jax.hf import names
 from boomerang_jax.hf.checkpoint import (
     TOKENIZER_FILES, CheckpointError, np_dtype, read_json, resolve_dir, safetensors_files,
 )
-from boomerang_jax.hf.export import DEFAULT_MAX_SHARD_BYTES, LeafGetter, params_getter, save_hf
+from boomerang_jax.hf.export import COMMIT_ORDER, DEFAULT_MAX_SHARD_BYTES, LeafGetter, params_getter, save_hf
 from boomerang_jax.hf.safetensors_io import SafetensorsFile
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params
@@ -105,7 +107,8 @@ def _hf_getter(config: ModelConfig, tensor_file: dict[str, SafetensorsFile]) -> 
 
 
 def open_hf_source(path: str | os.PathLike, *, plan: LayerPlan | None = None) -> Source:
-    """An HF directory as a lazy Source: headers checked now, tensors memory-mapped and read on demand."""
+    """An HF directory (local, or `gs://` through a cached local copy) as a lazy Source: headers checked now,
+    tensors memory-mapped and read on demand."""
     model_dir = resolve_dir(path)
     hf_config = read_json(model_dir / "config.json")
     config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
@@ -143,26 +146,26 @@ def open_hf_source(path: str | os.PathLike, *, plan: LayerPlan | None = None) ->
     )
 
 
-# Readers tried first by `open_source`: each returns a Source for a path it recognises, else None. The
-# distillation issue registers its orbax checkpoint reader here.
-CHECKPOINT_READERS: list[Callable[[Path], Source | None]] = []
+# Readers tried first by `open_source`: each returns a Source for a path it recognises, else None. They get a
+# Path for local specs and the URL string for remote ones.
+CHECKPOINT_READERS: list[Callable[[Path | str], Source | None]] = []
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "commit_success.txt", "manifest.ocdbt")
 
 
-def _looks_like_orbax(path: Path) -> bool:
-    if not path.is_dir() or (path / "config.json").exists():
+def _looks_like_orbax(path: Path | str) -> bool:
+    children = storage.listdir(path)
+    if not children or "config.json" in children:
         return False
-    if any((path / m).exists() for m in _ORBAX_MARKERS):
+    if any(m in children for m in _ORBAX_MARKERS):
         return True
-    return any(p.is_dir() and p.name.isdigit() for p in path.iterdir())
+    return any(c.isdigit() and storage.is_dir(storage.join(path, c)) for c in children)
 
 
 def open_source(spec: str | os.PathLike) -> Source:
-    """A Source from an HF directory, a .gguf file / the embedded teacher, or a registered checkpoint reader."""
+    """A Source from an HF directory (local or `gs://`), a .gguf file / the embedded teacher, or a
+    distillation checkpoint (run dir, checkpoints dir or step dir; local or `gs://`)."""
     s = str(spec)
-    if s.startswith("gs://"):
-        raise FamilyError(f"{s}: gs:// sources are not supported by family export yet; copy the model locally")
-    path = Path(s)
+    path: Path | str = s if storage.is_remote(s) else Path(s)
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
 
     for reader in (*CHECKPOINT_READERS, read_student_checkpoint):
@@ -176,7 +179,7 @@ def open_source(spec: str | os.PathLike) -> Source:
             f"(with its {PLAN_FILE}) and pass that instead.")
     from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
 
-    if path.suffix == ".gguf" or s == EMBEDDED_TEACHER:
+    if s.endswith(".gguf") or s == EMBEDDED_TEACHER:
         ck = load_model(s, to_device=False)
         return source_from_params(ck.config, ck.params, where=s, hf_config=ck.hf_config,
                                   tokenizer_files=ck.tokenizer_files, generation_config=ck.generation_config)
@@ -211,23 +214,19 @@ def layout_getter(lay: Layout, sources: dict[str, Source]) -> LeafGetter:
     return get
 
 
-def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    if str(out_dir).startswith("gs://"):
-        raise FamilyError(f"{out_dir}: gs:// outputs are not supported by family export yet; write locally and copy")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FamilyError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def read_family(family_dir: str | os.PathLike) -> dict[str, Any]:
+    """The family.json of a family directory (local or `gs://`); without it the family is not complete."""
+    path = storage.join(family_dir, FAMILY_FILE)
+    try:
+        family = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise FamilyError(f"{path}: missing; {family_dir} is not a complete family export (from `boomerang "
+                          "interpolate`; an export that did not finish has no family.json)") from None
+    except json.JSONDecodeError as e:
+        raise FamilyError(f"{path}: not valid JSON ({e})") from None
+    if family.get("format") != FAMILY_FORMAT:
+        raise FamilyError(f"{path}: format {family.get('format')!r}, expected {FAMILY_FORMAT!r}")
+    return family
 
 
 def save_student(
@@ -334,9 +333,10 @@ def export_family(
     """Write sizes `ks` (default: all) of `order` under `out_dir`, one HF directory each, plus family.json.
 
     Returns the family.json content. `plan` defaults to the student's own (from its boomerang_plan.json).
+    `out_dir` may be local or `gs://` (see the module docstring for what a failure leaves behind).
     """
-    _check_target(out_dir, overwrite)
-    out = Path(out_dir)
+    if not overwrite and storage.occupied(out_dir, FAMILY_FILE):  # fail before any work
+        raise FamilyError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
     plan = plan or student.plan
     if plan is None:
         raise FamilyError(f"{student.where}: no layer plan ({PLAN_FILE} missing); pass one (--plan)")
@@ -349,10 +349,9 @@ def export_family(
         patched_for(plan, order, k)  # validates k before any work
     dt = resolve_dtype(dtype, student, teacher)
     sources = {STUDENT: student, TEACHER: teacher}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with storage.publish_dir(out_dir, marker=FAMILY_FILE, overwrite=overwrite, last=COMMIT_ORDER,
+                             error=FamilyError) as pub:
+        tmp = pub.path
         sizes = []
         for k in ks:
             t0 = time.perf_counter()
@@ -367,6 +366,7 @@ def export_family(
                     tokenizer_files=base.tokenizer_files or other.tokenizer_files,
                     generation_config=base.generation_config, dtype=dt, max_shard_bytes=max_shard_bytes,
                     extra_files={SIZE_FILE: (to_json({"order": order, **entry}) + "\n").encode()})
+            pub.flush(name)  # on a bucket: upload this size now, so local disk holds one size at a time
             sizes.append(entry)
             if log:
                 log(f"k={k:>{len(str(steps))}} {lay.num_layers:>3} layers  {entry['params']['total'] / 1e6:9.2f}M "
@@ -378,32 +378,33 @@ def export_family(
             "sizes": sizes,
         }
         (tmp / FAMILY_FILE).write_text(to_json(family) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return family
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def _read_plan(spec: str, num_teacher_layers: int) -> LayerPlan:
-    """--plan: a JSON file (a plan, or a family.json holding one) or a spec such as 'every=2,first=2,last=1'."""
-    path = Path(spec)
-    if path.is_file():
-        d = read_json(path)
-        return LayerPlan.from_dict(d.get("plan", d) if d.get("format") == FAMILY_FORMAT else d, source=str(path))
+    """--plan: a JSON file (a plan, or a family.json holding one; local or gs://) or a spec such as
+    'every=2,first=2,last=1'."""
+    if storage.is_remote(spec) or Path(spec).is_file():
+        try:
+            d = json.loads(storage.read_text(spec))
+        except json.JSONDecodeError as e:
+            raise FamilyError(f"{spec}: not valid JSON ({e})") from None
+        return LayerPlan.from_dict(d.get("plan", d) if d.get("format") == FAMILY_FORMAT else d, source=str(spec))
     return LayerPlan.parse(spec, num_teacher_layers)
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `boomerang interpolate`."""
     parser.add_argument("--student", required=True,
-                        help=f"student HF directory (carrying {PLAN_FILE}); orbax checkpoints: not yet")
-    parser.add_argument("--teacher", required=True, help="teacher HF directory (or a .gguf file)")
+                        help=f"student HF directory (carrying {PLAN_FILE}) or a `boomerang distill` run / "
+                             "checkpoint directory; local or gs://")
+    parser.add_argument("--teacher", required=True, help="teacher HF directory (local or gs://) or a .gguf file")
     parser.add_argument("--order", default="last-to-first", choices=ORDERS)
     parser.add_argument("--sizes", default="all",
                         help="'all', steps 'k=0,2,5-7', or layer counts 'N,M' (default: all)")
-    parser.add_argument("--out", required=True, help="output directory: one HF directory per size + family.json")
+    parser.add_argument("--out", required=True,
+                        help="output directory (local or gs://): one HF directory per size + family.json")
     parser.add_argument("--plan", default=None,
                         help=f"override the student's {PLAN_FILE}: a plan JSON file, 'every=2,first=1,last=2' "
                              "or 'kept=0,2,4,...'")
@@ -428,7 +429,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
     export_family(student, teacher, args.out, plan=plan, order=args.order, ks=ks, dtype=args.dtype,
                   overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                   log=lambda line: print(line, flush=True))
-    print(f"wrote {Path(args.out) / FAMILY_FILE} ({time.perf_counter() - t0:.1f}s)")
+    print(f"wrote {storage.join(args.out, FAMILY_FILE)} ({time.perf_counter() - t0:.1f}s)")
     return 0
 
 

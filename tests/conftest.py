@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gcsfs >= 2026.x otherwise probes gRPC/TLS endpoints that the plain-HTTP GCS emulator lacks (read at import).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -86,3 +88,36 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A local GCS emulator for the whole session, with every client pointed at it through its documented
+    endpoint variable (tests/gcs_emulator.py) and a private model cache; yields the emulator."""
+    from boomerang_jax import storage
+    from tests.gcs_emulator import GcsEmulator
+
+    emu = GcsEmulator(tmp_path_factory.mktemp("fake-gcs")).start()
+    env = {**emu.env(), storage.CACHE_ENV: str(tmp_path_factory.mktemp("boomerang-cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # subprocesses (boomerang distill, ...) inherit it
+    storage._filesystem.cache_clear()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        storage._filesystem.cache_clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(gcs, request) -> str:
+    """A fresh, empty bucket per test: gs://<test-name-derived>."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid() % 1000}"
+    return gcs.create_bucket(name)

@@ -25,6 +25,11 @@ WORDS = ("the a of to and in that it was for on are with as his they be at one h
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random Llama teacher with a word-level tokenizer, and a prepared dataset of random sentences."""
+    return make_teacher_and_data(tmp_path_factory.mktemp("distill"))
+
+
+def make_teacher_and_data(root: Path) -> tuple[Path, Path]:
+    """(root, teacher dir): a tiny Llama teacher under root/teacher and a prepared dataset under root/data."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +37,6 @@ def setup(tmp_path_factory):
     from boomerang_jax.data.tokenize import DocumentEncoder
     from tests.conftest import build_hf_model
 
-    root = tmp_path_factory.mktemp("distill")
     vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

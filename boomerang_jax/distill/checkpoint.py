@@ -2,9 +2,10 @@
 
 One checkpoint = one step directory holding three items: `state` (student params, AdamW state, step;
 sharded arrays, restored straight onto the mesh), `data` (the grain iterator state, JSON) and `meta` (plan,
-configs, metrics; JSON). Orbax writes each step to a temporary directory and renames it when complete (or a
-commit marker on gs://), so `latest_step` only ever sees finished checkpoints: a run killed mid-save
-resumes from the previous one.
+configs, metrics; JSON). Orbax writes each step to a temporary directory and renames it when complete (on
+gs://, where there is no rename, it writes `commit_success.txt` last), so `latest_step` only ever sees
+finished checkpoints: a run killed mid-save resumes from the previous one. Directories may be local or
+gs:// (tensorstore writes the arrays to the bucket directly).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from boomerang_jax import storage
 
 ITEMS = ("state", "data", "meta")
 
@@ -84,22 +87,25 @@ def abstract_like(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _checkpoint_dir_and_step(path: Path) -> tuple[Path, int | None] | None:
-    """Accept a run dir (with checkpoints/), a checkpoints dir, or one step's dir; None if none of these."""
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name.isdigit() and path.parent.is_dir() and (path / "meta").exists():
-        return path.parent, int(path.name)
-    if path.is_dir() and any(p.name.isdigit() and (p / "meta").exists() for p in path.iterdir()):
+def _checkpoint_dir_and_step(path: str) -> tuple[str, int | None] | None:
+    """Accept a run dir (with checkpoints/), a checkpoints dir, or one step's dir (local or gs://); None if
+    none of these."""
+    children = storage.listdir(path)
+    if "checkpoints" in children:
+        path = storage.join(path, "checkpoints")
+        children = storage.listdir(path)
+    if storage.name(path).isdigit() and "meta" in children:
+        return storage.parent(path), int(storage.name(path))
+    if any(c.isdigit() and storage.exists(storage.join(path, c, "meta")) for c in children):
         return path, None
     return None
 
 
-def read_student_checkpoint(path: Path) -> Any:
+def read_student_checkpoint(path: str | Path) -> Any:
     """A family `Source` for the student of a distillation checkpoint (latest step unless a step dir is given).
 
     Restores on the host without a mesh; the plan, configs and teacher config come from the checkpoint's meta.
-    Returns None when `path` is not a distillation checkpoint (so other readers can try).
+    Local or `gs://`. Returns None when `path` is not a distillation checkpoint (so other readers can try).
     """
     from boomerang_jax.distill.step import TrainConfig, TrainState, make_optimizer
     from boomerang_jax.family import source_from_params
@@ -107,7 +113,7 @@ def read_student_checkpoint(path: Path) -> Any:
     from boomerang_jax.models.transformer import param_shapes
     from boomerang_jax.surgery import LayerPlan
 
-    found = _checkpoint_dir_and_step(Path(path))
+    found = _checkpoint_dir_and_step(str(path) if storage.is_remote(path) else os.path.abspath(path))
     if found is None:
         return None
     directory, step = found

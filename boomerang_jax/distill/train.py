@@ -13,14 +13,13 @@ import json
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from boomerang_jax import parallel
+from boomerang_jax import parallel, storage
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like
 from boomerang_jax.distill.config import loss_config, run_settings, train_config
@@ -93,37 +92,64 @@ class _Preemption:
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard events when tensorboardX is installed), written by process 0 only."""
+    """metrics.jsonl (and TensorBoard events when tensorboardX is installed), written by process 0 only.
 
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
+    Local: appended line by line. On a bucket (no appends) the whole file is re-uploaded as one object at most
+    every `flush_s` seconds and at every `flush()`; the loop flushes before each checkpoint, so the log always
+    covers every step up to the newest checkpoint (and a resumed run continues it without gaps). TensorBoard
+    writes gs:// itself (tensorboardX uses google-cloud-storage).
+    """
+
+    def __init__(self, run_dir: str, resume_step: int, *, flush_s: float = 30.0) -> None:
         self.enabled = parallel.is_main_process()
-        self.path = run_dir / "metrics.jsonl"
+        self.path = storage.join(run_dir, "metrics.jsonl")
+        self.remote = storage.is_remote(run_dir)
+        self.flush_s = flush_s
         self.tb = None
+        self._lines: list[str] = []
+        self._dirty = False
+        self._flushed_at = time.monotonic()
         if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop lines from steps after the checkpoint we resume from
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+        storage.makedirs(run_dir)
+        if storage.exists(self.path):  # drop lines from steps after the checkpoint we resume from
+            keep = [ln for ln in storage.read_text(self.path).splitlines() if ln.strip()
                     and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            self._lines = [ln + "\n" for ln in keep]
+            storage.write_text(self.path, "".join(self._lines))
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(storage.join(run_dir, "tensorboard"))
         except ImportError:
             self.tb = None
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self._dirty = True
+            if time.monotonic() - self._flushed_at >= self.flush_s:
+                self.flush()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def flush(self) -> None:
+        """Make every line written so far durable (a no-op locally, where each line is appended at once)."""
+        if self.enabled and self.remote and self._dirty:
+            storage.write_text(self.path, "".join(self._lines))
+            self._dirty = False
+            self._flushed_at = time.monotonic()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -173,7 +199,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
     from boomerang_jax.hf.sources import load_model
 
     settings, tcfg, lcfg = run_settings(cfg), train_config(cfg), loss_config(cfg)
-    run_dir = Path(settings.dir)
+    run_dir = str(settings.dir)  # local path or gs:// URL
     mesh = parallel.make_mesh(cfg["mesh"])
     t0 = time.perf_counter()
     teacher = load_model(cfg["teacher"], to_device=False)
@@ -190,7 +216,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
 
     distiller = Distiller(student_config, teacher.config, plan, mesh, tcfg, lcfg)
     teacher_params = distiller.put_teacher(teacher.params)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=settings.keep_checkpoints,
+    ckpt = Checkpointer(storage.join(run_dir, "checkpoints"), keep=settings.keep_checkpoints,
                         async_save=settings.async_checkpoints)
     meta = {"plan": plan.to_dict(), "config": json.loads(json.dumps(cfg, default=str)),
             "student_config": dataclasses.asdict(student_config), "hf_config": teacher.hf_config}
@@ -231,6 +257,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
         bar = tqdm(total=tcfg.total_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
 
     def save(at: int) -> None:
+        metrics_log.flush()  # the log covers every step of a checkpoint before that checkpoint can commit
         ckpt.save(at, state, iterator.get_state(), {**meta, "step": at})
 
     last: dict[str, float] = {}
@@ -243,6 +270,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
             step += 1
             dt = time.perf_counter() - t
             if not math.isfinite(host["loss"]):
+                metrics_log.flush()
                 ckpt.wait()
                 raise TrainingDiverged(
                     f"non-finite loss {host['loss']} at step {step} (ce {host.get('ce')}, kl {host.get('kl')}, "
@@ -261,6 +289,8 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
             if eval_cfg is not None and settings.eval_every and step % settings.eval_every == 0:
                 it = make_iterator(dataclasses.replace(eval_cfg, num_epochs=1, drop_remainder=False))
                 batches = [b for _, b in zip(range(settings.eval_batches), it)]
+                if hasattr(it, "close"):
+                    it.close()
                 metrics_log.write(step, _evaluate(distiller, state.params, teacher_params, batches))
             if preempt.requested:
                 save(step)
@@ -274,6 +304,8 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
         bar.close()
     if status == "finished" and ckpt.latest_step() != step and step > 0:
         save(step)
+    if hasattr(iterator, "close"):
+        iterator.close()  # stop grain's read-ahead threads (they would keep reading remote shards at exit)
     ckpt.wait()
     summary = {"status": status, "step": step, "total_steps": tcfg.total_steps, "run_dir": str(run_dir),
                "last_metrics": last}
@@ -283,7 +315,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
             src = source_from_params(student_config, params, where=f"{run_dir} step {step}",
                                      hf_config=teacher.hf_config, tokenizer_files=teacher.tokenizer_files,
                                      generation_config=teacher.generation_config, plan=plan)
-            out = save_student(run_dir / "student", src, plan, dtype="float32", overwrite=True)
+            out = save_student(storage.join(run_dir, "student"), src, plan, dtype="float32", overwrite=True)
             summary["student_dir"] = str(out)
             log(f"student exported to {out}")
     ckpt.close()

@@ -9,12 +9,15 @@ networked machine the paper's tasks (arc_easy, piqa, ...) run through the same f
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from boomerang_jax import storage
 
 _WORD = re.compile(r"^[A-Za-z]{4,}$")
 
@@ -71,10 +74,15 @@ def write_multiple_choice_task(task_dir: str | os.PathLike, name: str, items: Se
 def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_path: str | os.PathLike | None = None,
                 batch_size: int = 4, limit: int | float | None = None, device: str = "cpu",
                 dtype: str = "float32") -> dict[str, dict[str, float]]:
-    """Run lm-eval's `hf` model on an exported directory; returns {task: {metric: value}} (stderr included)."""
+    """Run lm-eval's `hf` model on an exported directory (local, or gs:// through a cached local copy);
+    returns {task: {metric: value}} (stderr included)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from boomerang_jax.hf.checkpoint import resolve_dir
+
+    if storage.is_remote(model_dir):
+        model_dir = resolve_dir(model_dir)
     manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype={dtype}", tasks=list(tasks),
@@ -89,10 +97,10 @@ def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_p
 
 
 def family_sizes(family_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The size entries of a family.json (each has 'dir', 'num_layers', 'params', ...)."""
-    path = Path(family_dir) / "family.json"
+    """The size entries of a family.json (each has 'dir', 'num_layers', 'params', ...); local or gs://."""
+    path = storage.join(family_dir, "family.json")
     try:
-        family = json.loads(path.read_text())
+        family = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: missing (is {family_dir} a family directory from `boomerang interpolate`?)") from None
     return family["sizes"]
@@ -102,7 +110,7 @@ def harness_over_family(family_dir: str | os.PathLike, tasks: Sequence[str], **k
     """Run the harness on every size of a family; one row per size: dir, layers, params, task/metric scores."""
     rows = []
     for size in family_sizes(family_dir):
-        scores = run_harness(Path(family_dir) / size["dir"], tasks, **kwargs)
+        scores = run_harness(storage.join(family_dir, size["dir"]), tasks, **kwargs)
         row = {"dir": size["dir"], "num_layers": size["num_layers"], "params": size["params"]["total"]}
         for task, metrics in scores.items():
             for metric, value in metrics.items():
@@ -112,12 +120,10 @@ def harness_over_family(family_dir: str | os.PathLike, tasks: Sequence[str], **k
 
 
 def merge_into_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], key: str = "dir") -> None:
-    """Add the columns of `rows` to the CSV at `path` (matched on `key`), creating it if needed."""
-    path = Path(path)
+    """Add the columns of `rows` to the CSV at `path` (local or gs://; matched on `key`), creating it if needed."""
     existing: list[dict[str, Any]] = []
-    if path.exists():
-        with path.open(newline="") as f:
-            existing = list(csv.DictReader(f))
+    if storage.exists(path):
+        existing = list(csv.DictReader(io.StringIO(storage.read_text(path), newline="")))
     by_key = {r[key]: r for r in existing}
     for row in rows:
         by_key.setdefault(str(row[key]), {key: str(row[key])}).update({k: v for k, v in row.items()})
@@ -125,16 +131,15 @@ def merge_into_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], key:
     columns: list[str] = []
     for r in merged:
         columns += [c for c in r if c not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(merged)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(merged)
+    storage.write_text(path, text.getvalue())
 
 
 def add_lm_eval_arguments(parser: Any) -> None:
-    parser.add_argument("family_dir", help="a family directory (family.json) or a single HF directory")
+    parser.add_argument("family_dir", help="a family directory (family.json) or a single HF directory; local or gs://")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", help="directory of local task YAMLs (offline tasks)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -148,13 +153,13 @@ def lm_eval_command(args: Any) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     kwargs = dict(include_path=args.include_path, batch_size=args.batch_size, device=args.device,
                   limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit)
-    family_dir = Path(args.family_dir)
-    if (family_dir / "family.json").exists():
+    family_dir = str(args.family_dir)
+    if storage.exists(storage.join(family_dir, "family.json")):
         rows = harness_over_family(family_dir, tasks, **kwargs)
     else:
         scores = run_harness(family_dir, tasks, **kwargs)
-        rows = [{"dir": family_dir.name, **{f"{t}/{m}": v for t, ms in scores.items() for m, v in ms.items()}}]
-    out = Path(args.results_csv) if args.results_csv else family_dir / "lm_eval.csv"
+        rows = [{"dir": storage.name(family_dir), **{f"{t}/{m}": v for t, ms in scores.items() for m, v in ms.items()}}]
+    out = args.results_csv or storage.join(family_dir, "lm_eval.csv")
     merge_into_csv(out, rows)
     for row in rows:
         print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -13,6 +13,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from boomerang_jax import storage
 from boomerang_jax.hf import names
 from boomerang_jax.hf.safetensors_io import SafetensorsFile
 from boomerang_jax.models.config import ModelConfig
@@ -24,6 +25,8 @@ TOKENIZER_FILES = (
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# What an HF model directory needs (hub snapshots and gs:// copies fetch only these; never pickles).
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja")
 
 
 class CheckpointError(ValueError):
@@ -50,7 +53,14 @@ def np_dtype(dtype: Any) -> np.dtype:
 
 
 def resolve_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; an `org/name` hub id via huggingface_hub (safetensors and text files only)."""
+    """A local directory as is; a `gs://` directory via a local cached copy; an `org/name` hub id via
+    huggingface_hub (safetensors and text files only, in both cases)."""
+    if storage.is_remote(path_or_id):
+        try:
+            return storage.local_copy(path_or_id, include=MODEL_FILE_PATTERNS, require="config.json",
+                                      what="HF model directory")
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
     p = Path(path_or_id)
     if p.is_dir():
         return p
@@ -62,9 +72,7 @@ def resolve_dir(path_or_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(
-            s, allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja"]
-        ))
+        return Path(snapshot_download(s, allow_patterns=list(MODEL_FILE_PATTERNS)))
     except Exception as e:  # offline, unknown repo, gated...
         raise CheckpointError(f"{s}: not a local directory and could not be fetched from the hub ({e})") from None
 

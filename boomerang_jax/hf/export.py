@@ -1,21 +1,22 @@
 """Write a model as an HF directory: sharded safetensors + index, config.json, generation config, tokenizer.
 
-The directory is assembled in a hidden temporary sibling and renamed into place at the end, so a killed
-export never looks complete and an existing good export is only replaced by a finished one.
+Local or `gs://` (boomerang_jax.storage.publish_dir): locally the directory is assembled in a hidden
+temporary sibling and renamed into place at the end, so a killed export never looks complete and an existing
+good export is only replaced by a finished one. On a bucket every object is uploaded before `config.json`
+(the marker readers require), so a killed upload leaves no directory that looks like a model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 
+from boomerang_jax import storage
 from boomerang_jax.hf import names
 from boomerang_jax.hf.checkpoint import np_dtype
 from boomerang_jax.hf.safetensors_io import TensorSpec, write_safetensors, dtype_name
@@ -23,6 +24,7 @@ from boomerang_jax.models.config import ModelConfig, to_hf
 from boomerang_jax.models.transformer import Params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+COMMIT_ORDER = ("model.safetensors.index.json", "config.json")  # uploaded last, in this order
 _TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 # Given (path under the params root, layer or None) return that leaf (already sliced to the layer).
@@ -94,25 +96,22 @@ def save_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
-) -> Path:
-    """Write an HF directory for `config` from `params` (or from a LeafGetter `get`, for lazy sources).
+) -> Path | str:
+    """Write an HF directory (local path or `gs://` URL) for `config` from `params` (or from a LeafGetter
+    `get`, for lazy sources); returns it (a Path when local).
 
     `hf_config` is the source config.json whose unrelated keys are kept; layer count, tie flag and dtype
-    come from `config`. Refuses to replace an existing directory unless `overwrite`.
+    come from `config`. Refuses to replace an existing export unless `overwrite`.
     """
-    out = Path(out_dir)
     if (params is None) == (get is None):
         raise ExportError("save_hf needs exactly one of params= or get=")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     get = get or params_getter(params)
     dt = np_dtype(dtype)
     specs = tensor_specs(config, dt)
     shards = _shard(specs, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with storage.publish_dir(out_dir, marker="config.json", overwrite=overwrite, last=COMMIT_ORDER,
+                             error=ExportError) as pub:
+        tmp = pub.path
         stream = hf_tensors(config, get)
         weight_map: dict[str, str] = {}
         for k, shard in enumerate(shards):
@@ -131,24 +130,9 @@ def save_hf(
         _write_json(tmp / "generation_config.json", generation_config_for(config, generation_config))
         for name, data in {**(tokenizer_files or {}), **(extra_files or {})}.items():
             (tmp / name).write_bytes(data)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return str(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
 
 
 def _take(it: Iterator[tuple[str, np.ndarray]], n: int) -> Iterable[tuple[str, np.ndarray]]:
     for _ in range(n):
         yield next(it)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -40,22 +40,24 @@ def verify_export(
 ) -> VerifyReport:
     """Reload `path` with transformers.AutoModelForCausalLM (fp32, CPU) and with `load_hf`; compare logits.
 
-    Uses random token ids (seeded) unless `tokens` [N, T] is given. Requires torch (the `torch` extra).
+    `path` is a local HF directory, a `gs://` one (read through a local cached copy) or a hub id. Uses random
+    token ids (seeded) unless `tokens` [N, T] is given. Requires torch (the `torch` extra).
     """
     import jax
     import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.checkpoint import load_hf, resolve_dir
     from boomerang_jax.models.transformer import forward
 
-    ck = load_hf(path)
+    local = resolve_dir(path)
+    ck = load_hf(local)
     if tokens is None:
         rng = np.random.RandomState(seed)
         tokens = rng.randint(0, ck.config.vocab_size, (num_sequences, seq_len))
     tokens = np.asarray(tokens)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     with jax.default_matmul_precision("highest"):
@@ -70,7 +72,25 @@ def verify_export(
     )
 
 
+def verify_target(path: str | os.PathLike, **kwargs: Any) -> list[VerifyReport]:
+    """Verify an HF directory, or every size of a family directory (which must hold its family.json: a family
+    export without it did not finish). Local or `gs://`."""
+    from boomerang_jax import storage
+    from boomerang_jax.family import FAMILY_FILE, read_family
+
+    if storage.exists(storage.join(path, FAMILY_FILE)):
+        return [verify_export(storage.join(path, size["dir"]), **kwargs) for size in read_family(path)["sizes"]]
+    if storage.is_remote(path) or storage.exists(path):
+        if not storage.exists(storage.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{path}: neither an HF model directory (no config.json) nor a family (no {FAMILY_FILE}); "
+                "an export to it may not have finished")
+    return [verify_export(path, **kwargs)]
+
+
 def verify_main(args: Any) -> int:
-    report = verify_export(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol)
-    print(report)
-    return 0 if report.ok else 1
+    ok = True
+    for report in verify_target(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol):
+        print(report, flush=True)
+        ok = ok and report.ok
+    return 0 if ok else 1
