@@ -172,15 +172,18 @@ def _evaluate(distiller: Distiller, params: Any, teacher: Any, batches: Iterable
     return {f"eval/{k}": v / max(tokens, 1.0) for k, v in sums.items()} | {"eval/tokens": tokens}
 
 
-def _data_config(section: Mapping[str, Any], *, eval_: bool = False) -> DataConfig:
-    """A host's DataConfig from a `data.train` / `data.eval` section whose batch_size is the GLOBAL batch."""
+def _data_config(section: Mapping[str, Any], mesh: Any, *, eval_: bool = False) -> DataConfig:
+    """A host's DataConfig from a `data.train` / `data.eval` section whose batch_size is the GLOBAL batch.
+
+    Hosts whose devices hold the same batch rows (a batch replicated across hosts) read the same shard.
+    """
     d = dict(section)
     global_batch = int(d.get("batch_size", 8))
-    if global_batch % jax.process_count():
-        raise ValueError(f"data batch_size {global_batch} (global) is not divisible by {jax.process_count()} "
-                         "processes")
-    d.update(batch_size=global_batch // jax.process_count(), process_index=jax.process_index(),
-             process_count=jax.process_count())
+    index, count = parallel.process_data_shard(mesh)
+    if global_batch % count:
+        raise ValueError(f"data batch_size {global_batch} (global) is not divisible by the {count} data shards "
+                         "of this mesh's processes")
+    d.update(batch_size=global_batch // count, process_index=index, process_count=count)
     if eval_:
         d.setdefault("shuffle", False)
         d.setdefault("split", "validation")
@@ -221,7 +224,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
     meta = {"plan": plan.to_dict(), "config": json.loads(json.dumps(cfg, default=str)),
             "student_config": dataclasses.asdict(student_config), "hf_config": teacher.hf_config}
     latest = ckpt.latest_step()
-    data_cfg = _data_config(cfg["data"]["train"])
+    data_cfg = _data_config(cfg["data"]["train"], mesh)
     if latest is not None:
         shapes = TrainState(
             params=param_shapes(student_config, jnp.dtype(tcfg.param_dtype)),
@@ -243,11 +246,11 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
 
     step = int(jax.device_get(state.step))
     metrics_log = MetricsLog(run_dir, step)
-    tokens_per_step = data_cfg.batch_size * jax.process_count() * data_cfg.seq_len
+    tokens_per_step = data_cfg.batch_size * data_cfg.process_count * data_cfg.seq_len
     flops = tokens_per_step * (flops_per_token(student_config, data_cfg.seq_len, backward=True)
                                + flops_per_token(teacher.config, data_cfg.seq_len, backward=False))
     peak = peak_flops(settings.peak_tflops)
-    eval_cfg = _data_config(cfg["data"]["eval"], eval_=True) if cfg["data"].get("eval") else None
+    eval_cfg = _data_config(cfg["data"]["eval"], mesh, eval_=True) if cfg["data"].get("eval") else None
     end = tcfg.total_steps if max_steps is None else min(tcfg.total_steps, step + max_steps)
     status = "finished"
     bar = None
