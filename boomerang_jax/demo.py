@@ -43,6 +43,7 @@ class DemoSettings:
     calib_tokens: int = 4096
     sizes: str = "all"
     quick: bool = False
+    distill_overrides: tuple[str, ...] = ()  # extra `section.key=value` for the distillation run config
 
     @classmethod
     def quick_settings(cls, **kw: Any) -> "DemoSettings":
@@ -116,6 +117,7 @@ def distill_config(s: DemoSettings, out: Path) -> dict[str, Any]:
         f"loss.chunk={min(s.seq, 128)}",
         f"run.dir={out / 'distill'}", f"run.checkpoint_every={max(1, min(25, s.steps))}",
         f"run.eval_every={max(1, s.steps // 3)}", "run.eval_batches=2",
+        *s.distill_overrides,
     ])
 
 
@@ -251,8 +253,10 @@ def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
-    current = dataclasses.asdict(s)
-    if settings_path.exists() and json.loads(settings_path.read_text()) != current:
+    current = json.loads(json.dumps(dataclasses.asdict(s)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(DemoSettings())))
+    saved = {**defaults, **json.loads(settings_path.read_text())} if settings_path.exists() else current
+    if saved != current:
         raise ValueError(f"{out} holds a demo run with other settings ({settings_path}); pass --fresh to start "
                          "over or --out to use another directory")
     settings_path.write_text(json.dumps(current, indent=1) + "\n")
@@ -281,13 +285,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
     p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
+    p.add_argument("--set", dest="distill_overrides", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override the distillation config, e.g. --set loss.w_cos=10 (repeatable)")
     p.add_argument("--quick", action="store_true", help="a handful of steps and a small evaluation (CI)")
     p.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
 
 
 def demo_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes).items()
+                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes,
+                                       distill_overrides=tuple(args.distill_overrides or ()) or None).items()
                  if v is not None}
     s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)
     run_demo(s, fresh=args.fresh)
