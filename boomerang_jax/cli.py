@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 from boomerang_jax.hf.sources import EMBEDDED_TEACHER
 
@@ -72,18 +72,64 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def distill_command(args: argparse.Namespace) -> int:
-    """`boomerang distill --config X.yaml [section.key=value ...]`: train (or resume) a student."""
+    """`boomerang distill --config X.yaml [--preset TOPOLOGY] [section.key=value ...]`: train (or resume)."""
     from boomerang_jax import parallel
     from boomerang_jax.distill.config import load_run_config
 
-    parallel.initialize_distributed()
+    cfg = load_run_config(args.config, args.overrides, preset=args.preset)  # config errors before any start-up
+    if args.distributed != "off":
+        parallel.initialize_distributed(force=args.distributed == "on")
     from boomerang_jax.distill.train import run_distillation
 
-    cfg = load_run_config(args.config, args.overrides)
     summary = run_distillation(cfg, max_steps=args.max_steps)
     parallel.main_print(f"{summary['status']} at step {summary['step']}/{summary['total_steps']} "
                         f"(run dir {summary['run_dir']})")
     return 143 if summary["status"] == "preempted" else 0
+
+
+def plan_memory_command(args: argparse.Namespace) -> int:
+    """`boomerang plan-memory`: per-device memory of a run on each topology, the run's FLOPs and time."""
+    import json
+
+    from boomerang_jax.distill.config import load_run_config
+    from boomerang_jax.planning import (
+        accelerator_hours, describe_run, plan_memory, run_flops, run_shape,
+    )
+
+    base = load_run_config(args.config, args.overrides)
+    topologies = args.topology or list(base.get("presets") or {}) or ["v5p-8"]
+    results = []
+    for topo in topologies:
+        preset = args.preset or (topo if topo in (base.get("presets") or {}) else None)
+        cfg = load_run_config(args.config, args.overrides, preset=preset)
+        shape = run_shape(cfg)
+        try:
+            plan: Any = plan_memory(shape, topo, cfg["mesh"])
+        except ValueError as e:  # this topology cannot run the config as is: say why, go on with the others
+            plan = e
+        results.append((topo, preset, shape, plan))
+    shape = results[0][2]
+    flops = run_flops(shape)
+    if args.json:
+        print(json.dumps({"run": describe_run(shape), "flops": flops, "mfu": args.mfu, "topologies": [
+            {"topology": topo, "preset": preset, "error": str(plan)} if isinstance(plan, Exception) else
+            {**plan.to_dict(), "preset": preset, **accelerator_hours(flops["ours"], plan.topology, args.mfu)}
+            for topo, preset, _, plan in results]}, indent=1))
+        return 0 if not any(isinstance(p, Exception) for *_, p in results) else 2
+    print(describe_run(shape))
+    print(f"FLOPs: {flops['ours']:.3g} (ours: matmuls incl. LM heads and attention; student 3x + teacher 1x), "
+          f"{flops['6ND+2ND']:.3g} (6 N_student D + 2 N_teacher D)")
+    for topo, preset, _, plan in results:
+        print(f"\n[{topo}]" + (f" preset {preset}" if preset else " (config mesh)"))
+        if isinstance(plan, Exception):
+            print(f"  cannot run as configured: {plan}")
+            continue
+        hours = accelerator_hours(flops["ours"], plan.topology, args.mfu)
+        print(plan.table())
+        if plan.topology.peak_flops:
+            print(f"  time at {args.mfu:.0%} MFU: {hours['wall_hours']:.1f} h wall-clock, "
+                  f"{hours['chip_hours']:.0f} chip-hours")
+    return 0 if not any(isinstance(p, Exception) for *_, p in results) else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config YAML (configs/*.yaml); defaults fill what it leaves out")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3 data.train.batch_size=4")
     p.add_argument("--max-steps", type=int, help="stop after this many steps of this invocation")
+    p.add_argument("--preset", help="apply the config's presets[NAME] (mesh/micro-batches for a topology, e.g. v5p-128)")
+    p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
+                   help="jax.distributed start-up: auto-detect (default), on (every worker of a multi-host TPU "
+                        "slice; the launch scripts pass this), off")
     p.set_defaults(func=distill_command)
+
+    p = sub.add_parser("plan-memory", help="per-device memory, FLOPs and accelerator-hours of a run on a topology")
+    p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for distill")
+    p.add_argument("--topology", action="append",
+                   help="e.g. v5p-128, v5e-16, 2xv5p-128, h100x8 (repeatable; default: every preset of the config)")
+    p.add_argument("--preset", help="use presets[NAME] (default: the preset named like the topology, if any)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for time estimates")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=plan_memory_command)
 
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
     from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command

@@ -1,8 +1,10 @@
 """A distillation run's configuration: one YAML file (configs/*.yaml) plus `section.key=value` overrides.
 
 Sections: `teacher`, `plan`, `student`, `data` (grain DataConfig for training, plus optional `eval`),
-`mesh`, `train` (TrainConfig), `loss` (LossConfig), `run` (directories, checkpoint/eval/log cadence).
-Unknown keys are errors naming the key and the known ones, so a typo never silently trains something else.
+`mesh`, `train` (TrainConfig), `loss` (LossConfig), `run` (directories, checkpoint/eval/log cadence), and
+`presets`: named per-topology settings (`v5p-128: {mesh: {...}, train: {micro_batches: 8}}`) applied with
+`--preset NAME` before the command-line overrides. Unknown keys are errors naming the key and the known ones,
+so a typo never silently trains something else.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from boomerang_jax import storage
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import TrainConfig
 
@@ -48,7 +51,9 @@ DEFAULTS: dict[str, Any] = {
     "train": {},
     "loss": {},
     "run": {},
+    "presets": {},
 }
+PRESET_SECTIONS = ("mesh", "train", "loss", "run", "data")
 
 
 def _check_keys(section: str, given: Mapping[str, Any], cls: type) -> None:
@@ -101,12 +106,35 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return cfg
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML run config, fill defaults, apply overrides, validate every section's keys."""
+def _merge(base: Any, extra: Any) -> Any:
+    """Deep merge of mappings (extra wins); anything else is replaced."""
+    if isinstance(base, Mapping) and isinstance(extra, Mapping):
+        out = dict(base)
+        for k, v in extra.items():
+            out[k] = _merge(base.get(k), v)
+        return out
+    return copy.deepcopy(extra)
+
+
+def apply_preset(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """Merge `presets[name]` (settings for one topology) into the config."""
+    presets = cfg.get("presets") or {}
+    if name not in presets:
+        raise RunConfigError(f"no preset {name!r} in this config; presets: {sorted(presets) or 'none'}")
+    preset = presets[name] or {}
+    unknown = sorted(set(preset) - set(PRESET_SECTIONS))
+    if unknown:
+        raise RunConfigError(f"preset {name!r}: unknown section(s) {unknown}; a preset may set {list(PRESET_SECTIONS)}")
+    return {**cfg, **{k: _merge(cfg.get(k), v) for k, v in preset.items()}}
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, preset: str | None = None
+                    ) -> dict[str, Any]:
+    """Read a YAML run config, fill defaults, apply a preset and the overrides, validate every section's keys."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         try:
-            loaded = _numbers(yaml.safe_load(Path(path).read_text()) or {})
+            loaded = _numbers(yaml.safe_load(storage.read_text(path)) or {})  # local or gs://
         except FileNotFoundError:
             raise RunConfigError(f"{path}: no such config file") from None
         except yaml.YAMLError as e:
@@ -116,6 +144,8 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> d
             raise RunConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
         for k, v in loaded.items():
             cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, dict) else v
+    if preset:
+        cfg = apply_preset(cfg, preset)
     cfg = apply_overrides(cfg, overrides)
     _check_keys("train", cfg["train"], TrainConfig)
     _check_keys("loss", cfg["loss"], LossConfig)
