@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Run boomerang distillation on a Cloud TPU VM or pod slice, from a workstation that has only `gcloud`.
+
+    launch/tpu.py --zone us-east5-a --project my-proj --topology v5p-128 --name bd-qwen3 up \\
+        --config configs/paper-qwen3-8b-base.yaml --preset v5p-128 -- run.dir=gs://my-bucket/runs/qwen3-8b
+
+Commands (each prints every gcloud command it runs; `--dry-run` only prints them):
+  create    create the TPU VM (`tpu-vm create`), or a queued resource with --queued (waits until ACTIVE);
+            multi-slice topologies (2xv5p-128) always use a queued resource with --node-count
+  install   pack this checkout (tracked files incl. uncommitted edits), copy it to every worker, make a
+            Python 3.11 venv with uv there and install jax[tpu] + the project
+  distill   start `boomerang distill --distributed on` on all workers at once (--worker=all), detached,
+            then stream worker 0's log until training ends (Ctrl-C stops streaming, not training)
+  logs      stream a worker's training log
+  exec      run a shell command on all workers
+  delete    tear everything down (the TPU VM, or the queued resource with its nodes)
+  up        create + install + distill (+ delete at the end with --delete-after)
+
+Topologies: v4-8 ... v4-4096, v5e-1 ... v5e-256 (v5litepod-N), v5p-8 ... , v6e-N, and KxNAME for K slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    DEFAULT_PYTHON,
+    TARBALL,
+    LaunchError,
+    Runner,
+    distill_script,
+    env_pairs,
+    follow_script,
+    install_script,
+    load_topology,
+    main_guard,
+    pack_repo,
+    repo_config,
+)
+
+topology = load_topology()
+
+
+class TPU:
+    """gcloud command lines for one TPU VM / pod slice (or several slices) named `name`."""
+
+    def __init__(self, args: argparse.Namespace, runner: Runner) -> None:
+        try:
+            self.topo = topology.parse_topology(args.topology)
+        except topology.TopologyError as e:
+            raise LaunchError(str(e)) from None
+        if self.topo.kind != "tpu":
+            raise LaunchError(f"{args.topology} is not a TPU topology; use launch/gpu.py for GPUs")
+        self.args, self.runner = args, runner
+        self.name = args.name or f"boomerang-{self.topo.name.replace('x', '-')}"
+        self.queued = args.queued or self.topo.slices > 1
+        self.qr = f"{self.name}-qr"
+
+    @property
+    def where(self) -> list[str]:
+        out = [f"--zone={self.args.zone}"]
+        if self.args.project:
+            out.append(f"--project={self.args.project}")
+        return out
+
+    @property
+    def nodes(self) -> list[str]:
+        """TPU VM names: one per slice (queued multi-slice nodes are named PREFIX-0, PREFIX-1, ...)."""
+        if self.topo.slices == 1:
+            return [self.name]
+        return [f"{self.name}-{i}" for i in range(self.topo.slices)]
+
+    def gcloud_tpu(self, *argv: str) -> list[str]:
+        return ["gcloud", "compute", "tpus", *argv]
+
+    # ---- commands
+    def create(self) -> None:
+        a, t = self.args, self.topo
+        version = a.runtime_version or t.runtime_version
+        common = [f"--accelerator-type={t.accelerator_type}"]
+        flags = (["--spot"] if a.spot else []) + (["--reserved"] if a.reserved else [])
+        if not self.queued:
+            self.runner.run(self.gcloud_tpu("tpu-vm", "create", self.name, *self.where, *common,
+                                            f"--version={version}", *flags))
+            return
+        nodes = ([f"--node-id={self.name}"] if t.slices == 1 else
+                 [f"--node-count={t.slices}", f"--node-prefix={self.name}"])
+        until = [f"--valid-until-duration={a.valid_until}"] if a.valid_until else []
+        self.runner.run(self.gcloud_tpu("queued-resources", "create", self.qr, *self.where, *common,
+                                        f"--runtime-version={version}", *nodes, *flags, *until))
+        self.runner.wait_for(self.gcloud_tpu("queued-resources", "describe", self.qr, *self.where,
+                                             "--format=value(state.state)"),
+                             "ACTIVE", ("FAILED", "SUSPENDED"), every_s=a.poll_s)
+
+    def ssh(self, node: str, command: str, worker: str = "all") -> list[str]:
+        return self.gcloud_tpu("tpu-vm", "ssh", node, *self.where, f"--worker={worker}", f"--command={command}")
+
+    def install(self) -> None:
+        tarball = pack_repo(self.runner)
+        script = install_script(self.args.python, self.args.jax, self.args.pip)
+        for node in self.nodes:
+            self.runner.run(self.gcloud_tpu("tpu-vm", "scp", tarball, f"{node}:~/{TARBALL}", *self.where,
+                                            "--worker=all"))
+            self.runner.run(self.ssh(node, script))
+
+    def distill(self) -> None:
+        a = self.args
+        extra = ([f"--preset={a.preset}"] if a.preset else []) + ["--distributed=on", *a.overrides]
+        logs = None
+        run_dir = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("run.dir=")), None)
+        if run_dir and run_dir.startswith("gs://"):
+            logs = f"{run_dir.rstrip('/')}/logs"
+        elif not a.allow_local_run_dir:
+            raise LaunchError("pass the run directory on a bucket, e.g. `-- run.dir=gs://BUCKET/runs/NAME` (every "
+                              "worker must see the same checkpoints); --allow-local-run-dir if the config has one")
+        script = distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs)
+        for node in self.nodes:  # all workers of all slices start together
+            self.runner.run(self.ssh(node, script))
+        if not a.no_follow:
+            self.logs()
+
+    def logs(self) -> None:
+        self.runner.run(self.ssh(self.nodes[0], follow_script(), worker=str(self.args.worker)))
+
+    def exec(self) -> None:
+        for node in self.nodes:
+            self.runner.run(self.ssh(node, " ".join(self.args.command)))
+
+    def delete(self) -> None:
+        if self.queued:
+            self.runner.run(self.gcloud_tpu("queued-resources", "delete", self.qr, *self.where, "--force", "--quiet"))
+        else:
+            self.runner.run(self.gcloud_tpu("tpu-vm", "delete", self.name, *self.where, "--quiet"))
+
+    def up(self) -> None:
+        self.create()
+        try:
+            self.install()
+            self.distill()
+        finally:
+            if self.args.delete_after:
+                self.delete()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-east5-a (v5p), us-west4-a (v5e)")
+    p.add_argument("--project", help="GCP project (default: gcloud's configured project)")
+    p.add_argument("--topology", required=True, help="v4-32, v5e-16, v5p-128, 2xv5p-128, ...")
+    p.add_argument("--name", help="TPU VM name / multi-slice node prefix (default: boomerang-TOPOLOGY)")
+    p.add_argument("--dry-run", action="store_true", help="print every command, run none")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def create_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--spot", action="store_true", help="Spot capacity (can be preempted; distill resumes)")
+        q.add_argument("--reserved", action="store_true", help="use a reservation")
+        q.add_argument("--queued", action="store_true", help="create through a queued resource (waits for capacity)")
+        q.add_argument("--valid-until", help="queued resource: give up after this long, e.g. 6h")
+        q.add_argument("--runtime-version", help="override the TPU software version (default per generation)")
+        q.add_argument("--poll-s", type=float, default=30.0, help="queued resource polling interval")
+
+    def install_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--python", default=DEFAULT_PYTHON, help="Python for the workers' venv (via uv)")
+        q.add_argument("--jax", default="jax[tpu]>=0.10", help="pip requirement for JAX on TPU")
+        q.add_argument("--pip", action="append", default=[], help="extra pip requirement (repeatable)")
+
+    def distill_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", required=True, help="run config: a path inside this repo, or gs://...")
+        q.add_argument("--preset", help="the config's preset for this topology (e.g. v5p-128)")
+        q.add_argument("--env", action="append", help="KEY=VALUE exported on the workers (repeatable)")
+        q.add_argument("--no-follow", action="store_true", help="do not stream the log after starting")
+        q.add_argument("--worker", default="0", help="worker whose log is streamed")
+        q.add_argument("--allow-local-run-dir", action="store_true", help="do not insist on run.dir=gs://...")
+        q.add_argument("overrides", nargs="*", help="section.key=value overrides after `--`, e.g. run.dir=gs://...")
+
+    create_flags(sub.add_parser("create", help="create the TPU VM / queued resource"))
+    install_flags(sub.add_parser("install", help="copy and install the project on every worker"))
+    distill_flags(sub.add_parser("distill", help="start boomerang distill on all workers and stream the log"))
+    q = sub.add_parser("logs", help="stream a worker's training log")
+    q.add_argument("--worker", default="0")
+    q = sub.add_parser("exec", help="run a shell command on all workers")
+    q.add_argument("command", nargs="+")
+    sub.add_parser("delete", help="tear down (TPU VM or queued resource with its nodes)").add_argument(
+        "--queued", action="store_true", help="it was created as a queued resource")
+    q = sub.add_parser("up", help="create + install + distill [+ delete]")
+    create_flags(q)
+    install_flags(q)
+    distill_flags(q)
+    q.add_argument("--delete-after", action="store_true", help="tear down when training ends or fails")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for key, default in (("queued", False), ("spot", False)):
+        if not hasattr(args, key):
+            setattr(args, key, default)
+    tpu = TPU(args, Runner(args.dry_run))
+    getattr(tpu, args.command)()
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)
