@@ -12,7 +12,7 @@ Commands (each prints every gcloud command it runs; `--dry-run` only prints them
   distill   start `boomerang distill --distributed on` on all workers at once (--worker=all), detached,
             then stream worker 0's log until training ends (Ctrl-C stops streaming, not training)
   logs      stream a worker's training log
-  exec      run a shell command on all workers
+  exec      run a shell command on all workers (or on one: --worker 0)
   delete    tear everything down (the TPU VM, or the queued resource with its nodes)
   up        create + install + distill (+ delete at the end with --delete-after)
 
@@ -126,8 +126,9 @@ class TPU:
         self.runner.run(self.ssh(self.nodes[0], follow_script(), worker=str(self.args.worker)))
 
     def exec(self) -> None:
-        for node in self.nodes:
-            self.runner.run(self.ssh(node, " ".join(self.args.command)))
+        nodes = self.nodes if self.args.worker == "all" else self.nodes[:1]
+        for node in nodes:
+            self.runner.run(self.ssh(node, " ".join(self.args.command), worker=self.args.worker))
 
     def delete(self) -> None:
         if self.queued:
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill_flags(sub.add_parser("distill", help="start boomerang distill on all workers and stream the log"))
     q = sub.add_parser("logs", help="stream a worker's training log")
     q.add_argument("--worker", default="0")
-    q = sub.add_parser("exec", help="run a shell command on all workers")
+    q = sub.add_parser("exec", help="run a shell command on all workers (or one: --worker 0)")
+    q.add_argument("--worker", default="all", help="all (default), or one worker index (of the first slice)")
     q.add_argument("command", nargs="+")
     sub.add_parser("delete", help="tear down (TPU VM or queued resource with its nodes)").add_argument(
         "--queued", action="store_true", help="it was created as a queued resource")

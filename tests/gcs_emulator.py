@@ -60,7 +60,7 @@ class GcsEmulator:
         self.proc = subprocess.Popen(
             [str(binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "filesystem", "-filesystem-root", str(self.root / "data"), "-external-url", self.url,
-             "-log-level", "warn"],
+             "-log-level", os.environ.get("FAKE_GCS_LOG_LEVEL", "warn")],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout

@@ -246,6 +246,30 @@ def test_prepared_shards_in_a_bucket_give_the_same_batches(setup, bucket):
         remote.close()
 
 
+def test_prepare_data_reads_text_and_tokenizer_from_the_bucket_and_writes_shards_there(setup, bucket):
+    from boomerang_jax.cli import main as cli_main
+    from boomerang_jax.data.pipeline import DataConfig, make_iterator
+    from boomerang_jax.data.prepare import Metadata
+    from tests.test_distill_run import WORDS
+
+    root, teacher = setup
+    storage.upload_dir(teacher, f"{bucket}/teacher")
+    rng = np.random.RandomState(1)
+    lines = [json.dumps({"text": " ".join(rng.choice(WORDS, 20))}) for _ in range(60)]
+    storage.write_text(f"{bucket}/raw/docs.jsonl", "\n".join(lines) + "\n")
+    assert cli_main(["prepare-data", f"{bucket}/raw/docs.jsonl", "--tokenizer", f"{bucket}/teacher",
+                     "--val-fraction", "0.1", "--out", f"{bucket}/data"]) == 0
+    meta = Metadata.load(f"{bucket}/data")
+    assert meta.splits["train"]["num_docs"] + meta.splits["validation"]["num_docs"] == 60
+    assert not (storage.cache_root() / "tokenizers" / "gs" / storage.split_url(bucket)[1] / "teacher"
+                / "model.safetensors").exists()  # only the tokenizer files were fetched
+    it = make_iterator(DataConfig(path=f"{bucket}/data", seq_len=16, batch_size=2))
+    try:
+        assert next(it)["tokens"].shape == (2, 16)
+    finally:
+        it.close()
+
+
 def test_distillation_checkpoints_to_a_bucket_is_killed_and_resumes_from_it(setup, bucket):
     from boomerang_jax.cli import main as cli_main
     from boomerang_jax.distill.config import load_run_config

@@ -22,7 +22,8 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Any:
-    """The tokenizer of a model spec: an HF dir or hub id, a .gguf file, or the embedded teacher's name."""
+    """The tokenizer of a model spec: an HF dir (local or gs://) or hub id, a .gguf file, or the embedded
+    teacher's name."""
     from boomerang_jax.hf.sources import EMBEDDED_TEACHER
 
     spec = str(spec)
@@ -33,6 +34,13 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
         return tokenizer_from_files(g.tokenizer_files)
     from transformers import AutoTokenizer
 
+    if "://" in spec:  # gs://: fetch only the tokenizer files (cached), not the weights
+        from boomerang_jax import storage
+        from boomerang_jax.hf.checkpoint import TOKENIZER_FILES
+
+        scheme, bucket, key = storage.split_url(spec)
+        spec = str(storage.local_copy(spec, include=[*TOKENIZER_FILES, "config.json"], what="tokenizer directory",
+                                      dest=storage.cache_root() / "tokenizers" / scheme / bucket / key))
     return AutoTokenizer.from_pretrained(spec)
 
 

@@ -144,7 +144,9 @@ def add_lm_eval_arguments(parser: Any) -> None:
     parser.add_argument("--include-path", help="directory of local task YAMLs (offline tasks)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--limit", type=float, help="examples per task (for a quick look)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the harness loads each model in (bfloat16 halves GPU memory)")
     parser.add_argument("--results-csv", help="CSV to add the scores to (default: FAMILY_DIR/lm_eval.csv)")
 
 
@@ -152,6 +154,7 @@ def lm_eval_command(args: Any) -> int:
     """`boomerang lm-eval`: run the harness on every size and add the scores to a CSV."""
     tasks = [t for t in args.tasks.split(",") if t]
     kwargs = dict(include_path=args.include_path, batch_size=args.batch_size, device=args.device,
+                  dtype=getattr(args, "dtype", "float32"),
                   limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit)
     family_dir = str(args.family_dir)
     if storage.exists(storage.join(family_dir, "family.json")):
