@@ -222,8 +222,9 @@ def rmtree(path: PathLike) -> None:
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
         return
-    for rel in list_files(path):
-        remove(join(path, rel))
+    objects = [join(path, rel) for rel in list_files(path)]
+    if objects:
+        _fs(path).rm(objects)  # batched deletes
 
 
 # ------------------------------------------------------------------------------------- transfers
@@ -353,6 +354,8 @@ class DirPublisher:
         self.dest, self.marker, self.last = str(dest), marker, tuple(n for n in last if n != marker) + (marker,)
         self.remote = is_remote(dest)
         self._cleared = False
+        if self.remote and not split_url(str(dest))[2]:
+            raise error(f"{dest}: exports go into a directory of the bucket (gs://bucket/name), not its root")
         if not overwrite and occupied(dest, marker):
             raise error(f"{dest}: already exists (pass overwrite=True / --overwrite to replace it)")
         if self.remote:

@@ -155,6 +155,8 @@ def test_export_to_a_bucket_reloads_and_every_interrupted_upload_leaves_no_confi
     assert_same_params(load_hf(dest).params, ck.params)
     with pytest.raises(ExportError, match=f"{dest}: already exists"):
         save_hf(dest, ck.config, ck.params, **kw)
+    with pytest.raises(ExportError, match="not its root"):  # an --overwrite there would clear the whole bucket
+        save_hf(bucket, ck.config, ck.params, overwrite=True, **kw)
     for n in range(len(objects)):  # a crash after each possible number of uploaded objects
         done = crash_after(n)
         with pytest.raises(Crash):
