@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=plan_memory_command)
 
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
+    from boomerang_jax.eval.command import add_eval_arguments, eval_command
     from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command
     from boomerang_jax.family import (
         add_interpolate_arguments, add_prune_arguments, interpolate_command, prune_command,
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
          add_prune_arguments, prune_command),
         ("interpolate", "export the zero-shot family of sizes from a student and its teacher",
          add_interpolate_arguments, interpolate_command),
+        ("eval", "perplexity of an HF dir, a whole family or a training checkpoint on text or prepared data",
+         add_eval_arguments, eval_command),
         ("lm-eval", "run lm-evaluation-harness on every size of a family and add the scores to a CSV",
          add_lm_eval_arguments, lm_eval_command),
     ]:

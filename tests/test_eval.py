@@ -98,3 +98,43 @@ def test_dropping_layers_equals_transformers_without_those_layers(tiny):
     np.testing.assert_allclose(np.asarray(forward(small, cfg, tokens).logits), ref, atol=1e-4)
     with pytest.raises(ValueError, match="invalid layers to drop"):
         drop_layers(ck.params, ck.config, [7])
+
+
+def test_eval_command_matches_transformers_perplexity_on_raw_text(tmp_path, capsys):
+    """`boomerang eval` on text files (tokenised with the model's tokenizer) == transformers, document by document."""
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from boomerang_jax.cli import main as cli_main
+    from tests.conftest import build_hf_model
+
+    words = "the cat sat on a mat and dog ran to big red house".split()
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    model = build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
+                                tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    rng = np.random.RandomState(0)
+    (tmp_path / "text").mkdir()
+    docs = [" ".join(rng.choice(words, n)) for n in (5, 9, 14, 3, 11)]
+    for i, d in enumerate(docs):
+        (tmp_path / "text" / f"{i}.txt").write_text(d)
+    out = tmp_path / "r.json"
+    assert cli_main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "text"), "--seq", "32",
+                     "--json-out", str(out)]) == 0
+    (row,) = _json.loads(out.read_text())
+    nll, count = 0.0, 0
+    for d in docs:
+        ids = np.asarray(fast(d)["input_ids"] + [1])
+        logits = torch.as_tensor(torch_logits(model, ids[None])[0, :-1])
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids[1:]), reduction="sum"))
+        count += len(ids) - 1
+    assert row["tokens"] == count
+    assert row["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert "perplexity" in capsys.readouterr().out

