@@ -61,6 +61,12 @@ def test_hidden_states_follow_hf_indexing(tiny):
     for i, h in zip(wanted, out.hidden_states):
         np.testing.assert_allclose(np.asarray(h), ref[i].numpy(), atol=ATOL, rtol=0, err_msg=f"hidden state {i}")
     np.testing.assert_allclose(np.asarray(out.final_hidden), ref[n].numpy(), atol=ATOL, rtol=0)
+    # the no-gradient path that keeps only the requested layer outputs gives the same states
+    some = [0, n // 2, -2, -1]
+    lean = forward(ck.params, ck.config, jnp.asarray(tokens), hidden_indices=some, return_logits=False,
+                   hidden_buffer=True)
+    for i, h in zip(some, lean.hidden_states):
+        np.testing.assert_allclose(np.asarray(h), ref[i].numpy(), atol=ATOL, rtol=0, err_msg=f"buffered state {i}")
 
 
 def test_out_of_range_hidden_index_is_a_clear_error(tiny):
@@ -95,3 +101,23 @@ def test_remat_keeps_logits_and_gradients():
         val, grad = jax.value_and_grad(loss)(params, policy)
         np.testing.assert_allclose(val, base_val, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grad, base_grad)
+
+
+def test_buffered_hidden_states_hold_only_the_requested_layers():
+    """Compiled temp memory of a no-gradient forward: the buffer keeps 2 of 24 layer outputs, the stack all 24."""
+    from boomerang_jax.models.config import ModelConfig
+    from boomerang_jax.models.transformer import param_shapes
+
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=256, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2))
+    tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+    layer_bytes = 4 * 256 * 256 * 4
+    temp = {}
+    for buffered in (False, True):
+        fn = jax.jit(lambda p, t: forward(p, cfg, t, hidden_indices=(0, 6, 12, 24), return_logits=False,
+                                          hidden_buffer=buffered).hidden_states)
+        analysis = fn.lower(param_shapes(cfg), tokens).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend gives no memory analysis")
+        temp[buffered] = analysis.temp_size_in_bytes
+    assert temp[False] - temp[True] >= 15 * layer_bytes, temp

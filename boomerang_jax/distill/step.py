@@ -131,7 +131,7 @@ def distill_forward(
     dtype = jnp.dtype(compute_dtype)
     common = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], return_logits=False, dtype=dtype)
     teacher = forward(teacher_params, teacher_config, batch["tokens"],
-                      hidden_indices=plan.teacher_hidden_indices(), **common)
+                      hidden_indices=plan.teacher_hidden_indices(), hidden_buffer=True, **common)
     teacher = jax.lax.stop_gradient(teacher)
     student = forward(student_params, student_config, batch["tokens"],
                       hidden_indices=plan.student_hidden_indices(), remat=remat, **common)

@@ -163,16 +163,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; the scan carry is the residual stream, the scan output the layer's output (or None)."""
+    """One decoder layer. Collection of layer outputs (for hidden states) is one of:
+    "none"; "stack", the scan output (every layer's output, [L, B, T, D]: what backprop keeps anyway); or
+    "buffer", written into a carried [n + 1, B, T, D] buffer at this layer's slot (slot n is scratch), so a
+    forward pass without gradients (the teacher) holds only the n requested outputs."""
 
     config: ModelConfig
     dtype: Any
     param_dtype: Any
-    collect: bool
+    collect: str = "none"
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array):
+    def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array):
         c = self.config
+        h, buf = carry if self.collect == "buffer" else (carry, None)
         norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
         attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask)
         if c.parallel_residual:
@@ -180,7 +184,9 @@ class Block(nn.Module):
         else:
             h = h + attn
             h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
-        return h, (h if self.collect else None)
+        if self.collect == "buffer":
+            return (h, jax.lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), slot, 0)), None
+        return h, (h if self.collect == "stack" else None)
 
 
 class Transformer(nn.Module):
@@ -191,6 +197,9 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    # True: keep only the requested layer outputs (a carried buffer) instead of stacking every layer's output.
+    # Use it for forward passes that are not differentiated (the teacher); with gradients, stacking is cheaper.
+    hidden_buffer: bool = False
 
     @nn.compact
     def __call__(
@@ -212,7 +221,8 @@ class Transformer(nn.Module):
         h = embed(tokens).astype(self.dtype)
         cos, sin = rope_tables(c, positions)
         mask = attention_mask(segment_ids)
-        collect = any(0 < i < c.num_layers for i in idx)
+        inner = sorted({i for i in idx if 0 < i < c.num_layers})
+        collect = "none" if not inner else "buffer" if self.hidden_buffer else "stack"
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
@@ -220,15 +230,24 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.dtype, self.param_dtype, collect, name="layers")
         h_in = h
-        h, per_layer = layers(h, cos, sin, mask)
+        # slot of layer l's output (HF index l + 1) in the buffer; unrequested layers write to scratch slot n
+        slot_of = {i: k for k, i in enumerate(inner)}
+        slots = jnp.asarray([slot_of.get(layer + 1, len(inner)) for layer in range(c.num_layers)], jnp.int32)
+        if collect == "buffer":
+            buf = jnp.zeros((len(inner) + 1,) + h.shape, h.dtype)
+            (h, buf), _ = layers((h, buf), cos, sin, mask, slots)
+            per_layer = {i: buf[slot_of[i]] for i in inner}
+        else:
+            h, stacked = layers(h, cos, sin, mask, slots)
+            per_layer = {i: stacked[i - 1] for i in inner}
         final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
         picked = []
         for i in idx:
-            picked.append(h_in if i == 0 else final if i == c.num_layers else per_layer[i - 1])
+            picked.append(h_in if i == 0 else final if i == c.num_layers else per_layer[i])
         logits = None
         if return_logits:
             if c.tie_word_embeddings:
@@ -266,9 +285,12 @@ def forward(
     return_logits: bool = True,
     dtype: Any = jnp.float32,
     remat: str = "none",
+    hidden_buffer: bool = False,
 ) -> ModelOutput:
-    """Functional forward pass on a plain parameter dict (docs/PARAMS.md)."""
-    model = Transformer(config, dtype=dtype, remat=remat)
+    """Functional forward pass on a plain parameter dict (docs/PARAMS.md).
+
+    `hidden_buffer=True` keeps only the requested hidden states (see Transformer) for undifferentiated passes."""
+    model = Transformer(config, dtype=dtype, remat=remat, hidden_buffer=hidden_buffer)
     return model.apply({"params": params}, tokens, segment_ids, positions, tuple(hidden_indices), return_logits)
 
 
