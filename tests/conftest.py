@@ -56,6 +56,29 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Eight-layer models for surgery: the default plan gives blocks {0,1},{2,3},{4,5},{6},{7};
+# first=2,last=1 gives {0},{1,2},{3,4},{5,6},{7}.
+EIGHT_LAYER_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-tied": dict(
+        model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+    ),
+    "qwen3-untied": dict(
+        model_type="qwen3", vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+    ),
+    "qwen3-tied": dict(
+        model_type="qwen3", vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=8,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+    ),
+    "neox": dict(
+        model_type="gpt_neox", vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+        num_attention_heads=4, use_parallel_residual=True, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+    ),
+}
+
+
 def build_hf_model(spec: dict[str, Any], seed: int = 0, scale: float = 0.2):
     """A random transformers model from a config dict; weights perturbed so every parameter matters."""
     import torch

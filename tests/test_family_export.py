@@ -20,23 +20,9 @@ from boomerang_jax.models.transformer import forward
 from boomerang_jax.surgery import (
     LayerPlan, Model, PlanError, SurgeryError, count_params, interpolate, patched_for, prune,
 )
-from tests.conftest import build_hf_model, torch_logits
+from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
 
-SPECS = {
-    "llama-tied": dict(
-        model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-    ),
-    "qwen3-untied": dict(
-        model_type="qwen3", vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-    ),
-    "neox": dict(
-        model_type="gpt_neox", vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-        num_attention_heads=4, use_parallel_residual=True, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
-    ),
-}
+SPECS = {k: EIGHT_LAYER_CONFIGS[k] for k in ("llama-tied", "qwen3-untied", "neox")}
 PLAN = LayerPlan.from_knobs(8)  # blocks {0,1},{2,3},{4,5},{6},{7}
 TOKENS = np.random.RandomState(0).randint(0, 72, (2, 6))
 

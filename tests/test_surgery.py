@@ -17,28 +17,9 @@ from boomerang_jax.models.transformer import forward, param_shapes
 from boomerang_jax.surgery import (
     LayerPlan, Model, SurgeryError, count_params, first_to_last, interpolate, last_to_first, prune,
 )
-from tests.conftest import build_hf_model, torch_logits
+from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
 
-# Eight layers; default plan: blocks {0,1},{2,3},{4,5},{6},{7}; first=2,last=1: {0},{1,2},{3,4},{5,6},{7}.
-FAMILIES = {
-    "llama-tied": dict(
-        model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-    ),
-    "qwen3-untied": dict(
-        model_type="qwen3", vocab_size=80, hidden_size=32, intermediate_size=40, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-    ),
-    "qwen3-tied": dict(
-        model_type="qwen3", vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=8,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-    ),
-    "neox": dict(
-        model_type="gpt_neox", vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-        num_attention_heads=4, use_parallel_residual=True, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
-    ),
-}
+FAMILIES = EIGHT_LAYER_CONFIGS
 TOKENS = np.random.RandomState(0).randint(0, 64, (2, 7))  # 64 <= every vocab
 _forward = jax.jit(forward, static_argnums=(1,))  # one compile per config, shared by the tests
 
