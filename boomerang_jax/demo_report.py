@@ -6,9 +6,11 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
-METHOD_ORDER = ("boomerang", "naive-pruning", "shortgpt")
+METHOD_ORDER = ("boomerang", "naive-pruning", "shortgpt", "boomerang-last-to-first", "boomerang-first-to-last")
 LABELS = {"boomerang": "boomerang (distilled student, patched)", "naive-pruning": "naive pruning (no distillation)",
-          "shortgpt": "ShortGPT layer dropping (no training)"}
+          "shortgpt": "ShortGPT layer dropping (no training)",
+          "boomerang-last-to-first": "boomerang, paper's last-to-first order",
+          "boomerang-first-to-last": "boomerang, paper's first-to-last order"}
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[int], dict[tuple[str, int], dict[str, Any]]]:
@@ -84,7 +86,7 @@ def write_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     layers, by = _table(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for m, marker in zip(METHOD_ORDER, "osd"):
+    for m, marker in zip(METHOD_ORDER, "osd^v"):
         pts = [(by[(m, n)]["non_embedding_params"] / 1e6, by[(m, n)]) for n in layers if (m, n) in by]
         if not pts:
             continue

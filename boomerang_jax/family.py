@@ -35,8 +35,9 @@ from boomerang_jax.hf.safetensors_io import SafetensorsFile
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params
 from boomerang_jax.surgery import (
+    SurgeryError,
     ORDERS, STUDENT, TEACHER, LayerPlan, Layout, check_compatible, count_params, interpolated_config, layout,
-    num_steps, patched_for,
+    Order, num_steps, patch_sequence, patched_for,
 )
 
 PLAN_FILE = "boomerang_plan.json"  # the student's LayerPlan, inside its HF directory
@@ -214,6 +215,22 @@ def layout_getter(lay: Layout, sources: dict[str, Source]) -> LeafGetter:
     return get
 
 
+def materialise(source: Source) -> Params:
+    """Parameters of a family Source as a plain nested dict of host arrays."""
+    params: dict[str, Any] = {}
+    for entry in names.entries(source.config):
+        for target in entry.targets:
+            if entry.per_layer:
+                leaf = np.stack([source.get(target, i) for i in range(source.config.num_layers)])
+                node = params.setdefault("layers", {})
+            else:
+                leaf, node = source.get(target, None), params
+            for key in target[:-1]:
+                node = node.setdefault(key, {})
+            node[target[-1]] = leaf
+    return params
+
+
 def read_family(family_dir: str | os.PathLike) -> dict[str, Any]:
     """The family.json of a family directory (local or `gs://`); without it the family is not complete."""
     path = storage.join(family_dir, FAMILY_FILE)
@@ -287,7 +304,12 @@ def to_json(obj: Any, indent: int = 0) -> str:
     return json.dumps(obj)
 
 
-def parse_sizes(spec: str, plan: LayerPlan, order: str) -> list[int]:
+def order_name(order: Order) -> str:
+    """How an order is named in messages and family.json: its name, or 'custom'."""
+    return order if isinstance(order, str) else "custom"
+
+
+def parse_sizes(spec: str, plan: LayerPlan, order: Order) -> list[int]:
     """Steps k of `order` from 'all', 'k=0,3,5-7' or layer counts 'N,M'; sorted, without repeats."""
     steps = num_steps(plan)
     spec = spec.strip()
@@ -305,12 +327,12 @@ def parse_sizes(spec: str, plan: LayerPlan, order: str) -> list[int]:
         for v in values:
             if is_k:
                 if not 0 <= v <= steps:
-                    raise FamilyError(f"--sizes {spec!r}: k={v} is out of range; {order} has k = 0..{steps}")
+                    raise FamilyError(f"--sizes {spec!r}: k={v} is out of range; {order_name(order)} has k = 0..{steps}")
                 ks.add(v)
             elif v in by_layers:
                 ks.add(by_layers[v])
             else:
-                raise FamilyError(f"--sizes {spec!r}: no {order} size has {v} layers; sizes are "
+                raise FamilyError(f"--sizes {spec!r}: no {order_name(order)} size has {v} layers; sizes are "
                                   f"{', '.join(map(str, sorted(by_layers)))} layers")
     if not ks:
         raise FamilyError(f"--sizes {spec!r} selects no size")
@@ -323,7 +345,7 @@ def export_family(
     out_dir: str | os.PathLike,
     *,
     plan: LayerPlan | None = None,
-    order: str = "last-to-first",
+    order: Order = "last-to-first",
     ks: Iterable[int] | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
@@ -331,6 +353,9 @@ def export_family(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write sizes `ks` (default: all) of `order` under `out_dir`, one HF directory each, plus family.json.
+
+    `order` is a named order (ORDERS) or an explicit sequence of the plan's multi-layer blocks; family.json
+    records it as `order` (the name, or "custom") and `patch_order` (the sequence).
 
     Returns the family.json content. `plan` defaults to the student's own (from its boomerang_plan.json).
     `out_dir` may be local or `gs://` (see the module docstring for what a failure leaves behind).
@@ -340,9 +365,12 @@ def export_family(
     plan = plan or student.plan
     if plan is None:
         raise FamilyError(f"{student.where}: no layer plan ({PLAN_FILE} missing); pass one (--plan)")
-    if order not in ORDERS:
-        raise FamilyError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")
     check_compatible(student.config, teacher.config, plan)
+    try:
+        sequence = list(patch_sequence(plan, order))
+    except SurgeryError as e:
+        raise FamilyError(str(e)) from None
+    name_of_order = order_name(order)
     steps = num_steps(plan)
     ks = list(range(steps + 1)) if ks is None else sorted(set(ks))
     for k in ks:
@@ -365,7 +393,7 @@ def export_family(
             save_hf(tmp / name, config, get=layout_getter(lay, sources), hf_config=base.hf_config,
                     tokenizer_files=base.tokenizer_files or other.tokenizer_files,
                     generation_config=base.generation_config, dtype=dt, max_shard_bytes=max_shard_bytes,
-                    extra_files={SIZE_FILE: (to_json({"order": order, **entry}) + "\n").encode()})
+                    extra_files={SIZE_FILE: (to_json({"order": name_of_order, **entry}) + "\n").encode()})
             pub.flush(name)  # on a bucket: upload this size now, so local disk holds one size at a time
             sizes.append(entry)
             if log:
@@ -373,7 +401,7 @@ def export_family(
                     f"params  embedding {lay.embedding}, head {lay.head}  -> {name} "
                     f"({time.perf_counter() - t0:.1f}s)")
         family = {
-            "format": FAMILY_FORMAT, "version": FAMILY_VERSION, "order": order,
+            "format": FAMILY_FORMAT, "version": FAMILY_VERSION, "order": name_of_order, "patch_order": sequence,
             "student": student.where, "teacher": teacher.where, "dtype": str(dt), "plan": plan.to_dict(),
             "sizes": sizes,
         }
@@ -400,7 +428,15 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"student HF directory (carrying {PLAN_FILE}) or a `boomerang distill` run / "
                              "checkpoint directory; local or gs://")
     parser.add_argument("--teacher", required=True, help="teacher HF directory (local or gs://) or a .gguf file")
-    parser.add_argument("--order", default="last-to-first", choices=ORDERS)
+    parser.add_argument("--order", default="last-to-first",
+                        help="patch order: last-to-first (default), first-to-last, by-loss (chosen from --calib "
+                             "text: the worst stand-in block first; boomerang_jax.eval.patch_order), or the "
+                             "multi-layer blocks as student layer ids, e.g. 4,12,1,...")
+    parser.add_argument("--calib", help="calibration data for --order by-loss: a prepared dataset dir or any "
+                                         "source prepare-data reads (text/jsonl, sotu, ...); use training-"
+                                         "distribution text, not your evaluation text")
+    parser.add_argument("--calib-split", default="train", help="split of a prepared --calib dataset")
+    parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     parser.add_argument("--sizes", default="all",
                         help="'all', steps 'k=0,2,5-7', or layer counts 'N,M' (default: all)")
     parser.add_argument("--out", required=True,
@@ -414,6 +450,37 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (atomically)")
 
 
+def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Source, *, calib: str | None = None,
+                      split: str = "train", tokens: int = 8192, seq_len: int = 256,
+                      log: Callable[[str], None] | None = None) -> Order:
+    """--order as an Order: a name, 'by-loss' (scored on `calib` now), or comma-separated block ids."""
+    from boomerang_jax.eval.patch_order import BY_LOSS
+
+    spec = spec.strip()
+    if spec in ORDERS:
+        return spec
+    if spec == BY_LOSS:
+        if not calib:
+            raise FamilyError("--order by-loss needs --calib DATA (training-distribution text to score blocks on)")
+        from boomerang_jax.eval.command import load_batches
+        from boomerang_jax.eval.patch_order import block_scores, by_loss_order
+
+        batches = load_batches(calib, tokenizer_files=teacher.tokenizer_files or student.tokenizer_files,
+                               split=split, seq_len=seq_len, max_tokens=tokens)
+        scores = block_scores((student.config, materialise(student)), (teacher.config, materialise(teacher)),
+                              plan, batches, log=log)
+        return by_loss_order(scores)
+    try:
+        seq = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise FamilyError(f"--order {spec!r}: use {', '.join(ORDERS)}, {BY_LOSS}, or comma-separated student "
+                          f"layer ids of the multi-layer blocks {list(plan.multi_layer_blocks)}") from None
+    try:
+        return tuple(patch_sequence(plan, seq))
+    except SurgeryError as e:
+        raise FamilyError(f"--order {spec!r}: {e}") from None
+
+
 def interpolate_command(args: argparse.Namespace) -> int:
     """`boomerang interpolate`: export a whole family (or chosen sizes) of one order."""
     t0 = time.perf_counter()
@@ -423,10 +490,13 @@ def interpolate_command(args: argparse.Namespace) -> int:
     if plan is None:
         raise FamilyError(f"{args.student}: no {PLAN_FILE}; pass --plan (e.g. --plan every=2,first=1,last=2)")
     check_compatible(student.config, teacher.config, plan)
-    ks = parse_sizes(args.sizes, plan, args.order)
-    print(f"boomerang interpolate: {len(ks)} size(s), {args.order}, student {student.config.num_layers} layers, "
-          f"teacher {teacher.config.num_layers} layers -> {args.out}", flush=True)
-    export_family(student, teacher, args.out, plan=plan, order=args.order, ks=ks, dtype=args.dtype,
+    order = resolve_order_arg(args.order, plan, student, teacher, calib=args.calib, split=args.calib_split,
+                              tokens=args.calib_tokens, log=lambda line: print(line, flush=True))
+    ks = parse_sizes(args.sizes, plan, order)
+    print(f"boomerang interpolate: {len(ks)} size(s), order {order_name(order)} {list(patch_sequence(plan, order))}, "
+          f"student {student.config.num_layers} layers, teacher {teacher.config.num_layers} layers -> {args.out}",
+          flush=True)
+    export_family(student, teacher, args.out, plan=plan, order=order, ks=ks, dtype=args.dtype,
                   overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                   log=lambda line: print(line, flush=True))
     print(f"wrote {storage.join(args.out, FAMILY_FILE)} ({time.perf_counter() - t0:.1f}s)")

@@ -5,11 +5,14 @@ layer of every block; `interpolate` swaps any subset of student layers back for 
 embedding comes from whoever supplies the first layer, the final norm and LM head from whoever supplies the
 last; a tied model whose embedding and head come from different models becomes untied.
 
-Orders (`last-to-first`, `first-to-last`): step k patches the k-th multi-layer block counted from the end
-(or the start), so the patched set is always a suffix (or prefix) of the blocks. Single-layer blocks change
-no size, so they are patched together with the multi-layer block that follows them in the order, and the
-last step patches every block. Hence k=0 is exactly the student and k=K exactly the teacher, where K is the
-number of multi-layer blocks; the paper counts k the same way.
+Orders: an order is the sequence in which the multi-layer blocks are patched; step k patches its first k.
+The paper's two named orders are `last-to-first` and `first-to-last` (the patched set is a suffix or prefix
+of the blocks); any other sequence of the multi-layer blocks may be given explicitly, e.g. one chosen from
+data (`boomerang_jax.eval.patch_order`). Single-layer blocks change no size, so each is patched together with
+whichever of its neighbouring multi-layer blocks the order patches later (a single-layer block stays the
+student's while a student layer is next to it); for the named orders this keeps the patched set a suffix or
+prefix. The last step patches every block. Hence k=0 is exactly the student and k=K exactly the teacher,
+where K is the number of multi-layer blocks; the paper counts k the same way.
 
 Nothing here does I/O (see `boomerang_jax.family` for exports).
 """
@@ -260,25 +263,58 @@ def num_steps(plan: LayerPlan) -> int:
     return len(plan.multi_layer_blocks)
 
 
-def patched_for(plan: LayerPlan, order: str, k: int) -> frozenset[int]:
-    """Student layers patched at step k of `order` (see the module docstring for single-layer blocks)."""
-    if order not in ORDERS:
-        raise SurgeryError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")
-    multi, m = plan.multi_layer_blocks, plan.num_student_layers
+Order = str | Sequence[int]  # a named order (ORDERS) or the multi-layer blocks in the sequence they are patched
+
+
+def patch_sequence(plan: LayerPlan, order: Order) -> tuple[int, ...]:
+    """The multi-layer blocks (student layer ids) in the sequence `order` patches them."""
+    multi = plan.multi_layer_blocks
     if not multi:
         raise SurgeryError("the plan has no multi-layer blocks, so patching never changes the size; "
                            "pass explicit patched sets instead of an order")
+    if isinstance(order, str):
+        if order not in ORDERS:
+            raise SurgeryError(f"unknown order {order!r}; known: {', '.join(ORDERS)}, or an explicit sequence "
+                               "of the multi-layer blocks")
+        return tuple(reversed(multi)) if order == "last-to-first" else tuple(multi)
+    seq = []
+    for i in order:
+        try:
+            seq.append(operator.index(i))
+        except TypeError:
+            raise SurgeryError(f"order {list(order)!r}: {i!r} is not a student layer id") from None
+    single = sorted(set(seq) - set(multi))
+    if single:
+        raise SurgeryError(f"order {seq}: student layer(s) {single} are not multi-layer blocks of the plan "
+                           f"(those are {list(multi)})")
+    repeated = sorted({i for i in seq if seq.count(i) > 1})
+    if repeated:
+        raise SurgeryError(f"order {seq}: block(s) {repeated} appear more than once")
+    missing = sorted(set(multi) - set(seq))
+    if missing:
+        raise SurgeryError(f"order {seq}: multi-layer block(s) {missing} are missing; an order lists all of "
+                           f"{list(multi)}")
+    return tuple(seq)
+
+
+def patched_for(plan: LayerPlan, order: Order, k: int) -> frozenset[int]:
+    """Student layers patched at step k of `order` (see the module docstring for single-layer blocks)."""
+    seq = patch_sequence(plan, order)
     k = operator.index(k)
-    if not 0 <= k <= len(multi):
+    if not 0 <= k <= len(seq):
         raise SurgeryError(f"step k={k} is out of range for this plan: k runs from 0 (student) to "
-                           f"{len(multi)} (teacher)")
-    if k == 0:
-        return frozenset()
-    if k == len(multi):
-        return frozenset(range(m))
-    if order == "last-to-first":
-        return frozenset(range(multi[-k], m))
-    return frozenset(range(multi[k - 1] + 1))
+                           f"{len(seq)} (teacher)")
+    rank = {block: n for n, block in enumerate(seq)}  # when each multi-layer block is patched
+    patched = set(seq[:k])
+    for i in range(plan.num_student_layers):
+        if i in rank:
+            continue
+        before = [j for j in seq if j < i]
+        after = [j for j in seq if j > i]
+        neighbours = ([max(before)] if before else []) + ([min(after)] if after else [])
+        if all(rank[j] < k for j in neighbours):  # patched once the later of its neighbours is
+            patched.add(i)
+    return frozenset(patched)
 
 
 def last_to_first(plan: LayerPlan, k: int) -> frozenset[int]:
@@ -291,7 +327,7 @@ def first_to_last(plan: LayerPlan, k: int) -> frozenset[int]:
     return patched_for(plan, "first-to-last", k)
 
 
-def family(plan: LayerPlan, order: str = "last-to-first") -> list[frozenset[int]]:
+def family(plan: LayerPlan, order: Order = "last-to-first") -> list[frozenset[int]]:
     """Every size of `order`, smallest first: element k is the patched set of step k (0 = student, K = teacher)."""
     return [patched_for(plan, order, k) for k in range(num_steps(plan) + 1)]
 

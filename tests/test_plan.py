@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from boomerang_jax.surgery import (
-    LayerPlan, PlanError, SurgeryError, family, first_to_last, last_to_first, layout, num_steps, patched_for,
+    LayerPlan, PlanError, SurgeryError, family, first_to_last, last_to_first, layout, num_steps, patch_sequence,
+    patched_for,
 )
 
 
@@ -115,6 +116,36 @@ def test_first_to_last_patches_prefixes_with_leading_single_blocks():
     assert [sorted(p) for p in family(plan, "first-to-last")] == [[], [0, 1], [0, 1, 2], [0, 1, 2, 3, 4]]
     lay = layout(plan, first_to_last(plan, 1), student_tied=True, teacher_tied=True)
     assert (lay.embedding, lay.head, lay.tie_word_embeddings) == ("teacher", "student", False)
+
+
+def test_named_orders_are_the_sequences_they_name():
+    plan = LayerPlan.from_knobs(8)  # multi-layer blocks 0, 1, 2
+    assert patch_sequence(plan, "last-to-first") == (2, 1, 0)
+    assert patch_sequence(plan, "first-to-last") == (0, 1, 2)
+    for name in ("last-to-first", "first-to-last"):
+        assert family(plan, name) == family(plan, list(patch_sequence(plan, name)))
+
+
+def test_explicit_order_patches_its_blocks_in_sequence_with_single_blocks_following_the_later_neighbour():
+    plan = LayerPlan.from_kept(10, [0, 1, 3, 5, 6, 8])  # blocks {0},{1,2},{3,4},{5},{6,7},{8,9}
+    assert plan.multi_layer_blocks == (1, 2, 4, 5)
+    sizes = family(plan, [4, 1, 5, 2])
+    # {0} leads: it goes with block 1; {5} sits between blocks 2 and 4 and goes with whichever is patched later
+    assert [sorted(p) for p in sizes] == [[], [4], [0, 1, 4], [0, 1, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert [plan.num_layers(p) for p in sizes] == [6, 7, 8, 9, 10]
+    lay = layout(plan, sizes[1], student_tied=True, teacher_tied=True)  # a middle block: both ends student
+    assert (lay.embedding, lay.head, lay.tie_word_embeddings) == ("student", "student", True)
+
+
+@pytest.mark.parametrize("order, message", [
+    ([2, 1], r"block\(s\) \[0\] are missing"),
+    ([2, 1, 1, 0], r"block\(s\) \[1\] appear more than once"),
+    ([2, 1, 0, 3], r"student layer\(s\) \[3\] are not multi-layer blocks"),
+    ([2, "x", 0], "'x' is not a student layer id"),
+])
+def test_bad_explicit_orders_name_the_offending_block(order, message):
+    with pytest.raises(SurgeryError, match=message):
+        patched_for(LayerPlan.from_knobs(8), order, 1)
 
 
 def test_orders_reject_bad_steps_and_plans_without_multi_layer_blocks():

@@ -33,9 +33,9 @@ def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
     if path.is_dir() and not (path / "config.json").exists():
         source = read_student_checkpoint(path)
         if source is not None:
-            from boomerang_jax.demo import _materialise
+            from boomerang_jax.family import materialise
 
-            return [(source.where, source.config, _materialise(source), source.tokenizer_files)]
+            return [(source.where, source.config, materialise(source), source.tokenizer_files)]
     ck = load_model(spec, to_device=False)
     return [(spec, ck.config, ck.params, ck.tokenizer_files)]
 
@@ -44,43 +44,55 @@ def _is_prepared(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "metadata.json").exists()
 
 
-def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
-             max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
-             chunk: int = 256) -> list[dict[str, Any]]:
-    """Perplexity of every model in `models` on `data`; one result row per model."""
+def load_batches(data: str, *, tokenizer_files: dict[str, bytes] | None = None, tokenizer: str | None = None,
+                 split: str = "train", seq_len: int = 512, batch_size: int = 4, max_tokens: int | None = None,
+                 text_field: str = "text") -> list[dict[str, np.ndarray]]:
+    """Evaluation batches (first-fit packed, in order) from a prepared dataset or any raw source, which is
+    tokenised with `tokenizer` (a path) or the model's `tokenizer_files`; stops after about `max_tokens`."""
     from boomerang_jax.data.pipeline import DataConfig, make_iterator
     from boomerang_jax.data.prepare import prepare_dataset
     from boomerang_jax.data.sources import open_source
     from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
-    from boomerang_jax.eval.perplexity import perplexity
 
-    found = _models(models)
     with tempfile.TemporaryDirectory() as tmp:
         path = data
         if not _is_prepared(data):
-            tok_files = found[0][3]
             if tokenizer:
                 tok = load_tokenizer(tokenizer)
-            elif tok_files:
-                for name, blob in tok_files.items():
+            elif tokenizer_files:
+                for name, blob in tokenizer_files.items():
                     (Path(tmp) / name).write_bytes(blob)
                 tok = load_tokenizer(tmp)
             else:
-                raise ValueError(f"{models}: no tokenizer files; pass --tokenizer to tokenise {data}")
+                raise ValueError(f"no tokenizer files to tokenise {data}; pass --tokenizer")
             path = str(Path(tmp) / "data")
             prepare_dataset(open_source(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
         cfg = DataConfig(path=path, split=split, seq_len=seq_len, batch_size=batch_size, shuffle=False,
                          num_epochs=1, drop_remainder=False, packing="first_fit")
         batches, n = [], 0
         for batch in make_iterator(cfg):
-            batches.append(batch)
+            batches.append({k: np.asarray(v) for k, v in batch.items()})
             n += int(np.asarray(batch["loss_mask"]).sum())
             if max_tokens and n >= max_tokens:
                 break
-        rows = []
-        for name, config, params, _ in found:
-            res = perplexity(params, config, batches, chunk=chunk)
-            rows.append({"model": name, "num_layers": config.num_layers, **res.to_dict()})
+    return batches
+
+
+def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
+             max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
+             chunk: int = 256) -> list[dict[str, Any]]:
+    """Perplexity of every model in `models` on `data`; one result row per model."""
+    from boomerang_jax.eval.perplexity import perplexity
+
+    found = _models(models)
+    if not _is_prepared(data) and not tokenizer and not found[0][3]:
+        raise ValueError(f"{models}: no tokenizer files; pass --tokenizer to tokenise {data}")
+    batches = load_batches(data, tokenizer_files=found[0][3], tokenizer=tokenizer, split=split, seq_len=seq_len,
+                           batch_size=batch_size, max_tokens=max_tokens, text_field=text_field)
+    rows = []
+    for name, config, params, _ in found:
+        res = perplexity(params, config, batches, chunk=chunk)
+        rows.append({"model": name, "num_layers": config.num_layers, **res.to_dict()})
     return rows
 
 
