@@ -138,3 +138,92 @@ def test_eval_command_matches_transformers_perplexity_on_raw_text(tmp_path, caps
     assert row["tokens"] == count
     assert row["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert "perplexity" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- patch orders
+def _stand_in_case(ck, plan):
+    """Teacher with layer 1 idle (so student layer 0 = teacher layer 0 stands in exactly for block {0, 1}) and
+    a student whose layer 1 (block {2, 3}) is scrambled: the worst stand-in."""
+    from boomerang_jax.surgery import prune
+
+    teacher = jax.tree.map(np.array, ck.params)
+    teacher["layers"]["attn"]["o_proj"]["kernel"][1] = 0
+    teacher["layers"]["mlp"]["down_proj"]["kernel"][1] = 0
+    s_config, student = prune(teacher, ck.config, plan)
+    student = jax.tree.map(np.array, student)
+    rng = np.random.RandomState(3)
+    for leaf in jax.tree.leaves(student["layers"]):
+        leaf[1] = 3 * rng.standard_normal(leaf[1].shape).astype(leaf.dtype)
+    return (s_config, student), (ck.config, teacher)
+
+
+def test_by_loss_order_patches_the_worst_stand_in_first(tiny):
+    from boomerang_jax.eval.patch_order import block_scores, by_loss_order
+    from boomerang_jax.surgery import LayerPlan
+
+    _, ck = tiny
+    plan = LayerPlan.from_kept(4, [0, 2])  # blocks {0,1}, {2,3}
+    student, teacher = _stand_in_case(ck, plan)
+    rng = np.random.RandomState(4)
+    batch = pack_rows([rng.randint(0, ck.config.vocab_size, 12) for _ in range(6)], seq_len=24, rows=3)
+    # text the teacher predicts well: its own greedy next tokens (a random teacher is no better than chance on
+    # random text, where a broken layer need not look worse)
+    out = forward(teacher[1], teacher[0], batch["tokens"], segment_ids=batch["segment_ids"],
+                  positions=batch["positions"])
+    batch["targets"] = np.asarray(out.logits.argmax(-1), np.int32)
+    scores = block_scores(student, teacher, plan, [batch])
+    # block 0's stand-in is exact, so the teacher with it swapped in scores the teacher's own loss
+    assert scores[0] == pytest.approx(perplexity(teacher[1], teacher[0], [batch]).nll, rel=1e-6)
+    assert scores[1] > scores[0] + 0.1
+    assert by_loss_order(scores) == (1, 0)
+    assert by_loss_order({3: 1.0, 1: 2.0, 2: 1.0}) == (1, 2, 3)  # ties by block id
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        block_scores(student, teacher, plan, [])
+
+
+def test_interpolate_by_loss_scores_on_calibration_text_and_records_the_order(tmp_path, capsys):
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from boomerang_jax.cli import main as cli_main
+    from boomerang_jax.family import plan_files
+    from boomerang_jax.hf.export import save_hf
+    from boomerang_jax.surgery import LayerPlan, patched_for
+    from tests.conftest import build_hf_model
+
+    words = "the cat sat on a mat and dog ran to big red house".split()
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
+                        tie_word_embeddings=False)).save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    ck = load_hf(tmp_path / "m", to_device=False)
+    plan = LayerPlan.from_kept(4, [0, 2])
+    (s_cfg, s_params), (t_cfg, t_params) = _stand_in_case(ck, plan)
+    save_hf(tmp_path / "teacher", t_cfg, t_params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files)
+    save_hf(tmp_path / "student", s_cfg, s_params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files,
+            extra_files=plan_files(plan))
+    (tmp_path / "calib").mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(6):
+        (tmp_path / "calib" / f"{i}.txt").write_text(" ".join(rng.choice(words, 12)))
+    common = ["interpolate", "--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher")]
+    assert cli_main(common + ["--order", "by-loss", "--calib", str(tmp_path / "calib"),
+                              "--out", str(tmp_path / "fam")]) == 0
+    family = _json.loads((tmp_path / "fam" / "family.json").read_text())
+    assert (family["order"], family["patch_order"]) == ("custom", [1, 0])
+    assert [sorted(s["patched"]) for s in family["sizes"]] == [sorted(patched_for(plan, [1, 0], k)) for k in (0, 1, 2)]
+    assert "calibration NLL" in capsys.readouterr().out
+    assert cli_main(common + ["--order", "0,1", "--out", str(tmp_path / "fam2")]) == 0
+    assert _json.loads((tmp_path / "fam2" / "family.json").read_text())["patch_order"] == [0, 1]
+    capsys.readouterr()
+    assert cli_main(common + ["--order", "by-loss", "--out", str(tmp_path / "fam3")]) != 0
+    assert "needs --calib" in capsys.readouterr().err
+    assert cli_main(common + ["--order", "0", "--out", str(tmp_path / "fam3")]) != 0
+    assert "block(s) [1] are missing" in capsys.readouterr().err
+    assert not (tmp_path / "fam3").exists()
