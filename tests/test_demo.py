@@ -21,6 +21,9 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
     family = json.loads((out / "family" / "family.json").read_text())
     sizes = [s["num_layers"] for s in family["sizes"]]
     assert sizes[0] == 16 and sizes[-1] == 30
+    # the default order is scored from calibration text: every multi-layer block once, scores recorded
+    assert (family["order"], sorted(family["patch_order"])) == ("custom", list(range(14)))
+    assert sorted(map(int, stages["family"]["block_scores"])) == list(range(14))
     for s in family["sizes"]:
         assert (out / "family" / s["dir"] / "config.json").exists()
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -29,6 +32,8 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
         for m in METHODS:
             lo, ppl, hi = (float(r[f"{m}/{k}"]) for k in ("ci_low", "perplexity", "ci_high"))
             assert 1.0 < lo <= ppl <= hi
+    # the paper's fixed order is evaluated alongside at the middle size
+    assert float(rows[1]["boomerang-last-to-first/perplexity"]) > 1.0
     # patching every block gives back the teacher: all three methods coincide at full depth
     assert len({rows[-1][f"{m}/perplexity"] for m in METHODS}) == 1
     md = (out / "results.md").read_text()
