@@ -221,10 +221,11 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     for order in s.also_orders:  # the paper's fixed orders, at the sizes strictly between student and teacher
         if order == family["order"]:
             continue
+        exported = {size["num_layers"] for size in family["sizes"]}
         for k in range(1, num_steps(plan)):
-            cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan,
-                                      patched_for(plan, order, k))
-            if any(size["num_layers"] == cfg.num_layers for size in family["sizes"]):
+            patched = patched_for(plan, order, k)
+            if plan.num_layers(patched) in exported:
+                cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan, patched)
                 record(f"boomerang-{order}", cfg, params, {"k": k})
     return {"rows": len(done), "heldout_tokens": int(sum(int(b["loss_mask"].sum()) for b in heldout))}
 

@@ -35,9 +35,8 @@ from boomerang_jax.hf.safetensors_io import SafetensorsFile
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params
 from boomerang_jax.surgery import (
-    SurgeryError,
-    ORDERS, STUDENT, TEACHER, LayerPlan, Layout, check_compatible, count_params, interpolated_config, layout,
-    Order, num_steps, patch_sequence, patched_for,
+    ORDERS, STUDENT, TEACHER, LayerPlan, Layout, Order, SurgeryError, check_compatible, count_params,
+    interpolated_config, layout, num_steps, patch_sequence, patched_for,
 )
 
 PLAN_FILE = "boomerang_plan.json"  # the student's LayerPlan, inside its HF directory

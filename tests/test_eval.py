@@ -100,26 +100,36 @@ def test_dropping_layers_equals_transformers_without_those_layers(tiny):
         drop_layers(ck.params, ck.config, [7])
 
 
-def test_eval_command_matches_transformers_perplexity_on_raw_text(tmp_path, capsys):
-    """`boomerang eval` on text files (tokenised with the model's tokenizer) == transformers, document by document."""
-    import json as _json
+WORDS = "the cat sat on a mat and dog ran to big red house".split()
 
+
+def word_model(path, num_layers: int):
+    """A tiny llama saved with a word-level tokenizer over WORDS (id 1 = </s>); returns (model, tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from boomerang_jax.cli import main as cli_main
     from tests.conftest import build_hf_model
 
-    words = "the cat sat on a mat and dog ran to big red house".split()
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
     model = build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
-                                tie_word_embeddings=False))
-    model.save_pretrained(tmp_path / "m")
-    fast.save_pretrained(tmp_path / "m")
+                                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                eos_token_id=1, tie_word_embeddings=False))
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast
+
+
+def test_eval_command_matches_transformers_perplexity_on_raw_text(tmp_path, capsys):
+    """`boomerang eval` on text files (tokenised with the model's tokenizer) == transformers, document by document."""
+    import json as _json
+
+    from boomerang_jax.cli import main as cli_main
+
+    words = WORDS
+    model, fast = word_model(tmp_path / "m", num_layers=2)
     rng = np.random.RandomState(0)
     (tmp_path / "text").mkdir()
     docs = [" ".join(rng.choice(words, n)) for n in (5, 9, 14, 3, 11)]
@@ -184,24 +194,13 @@ def test_by_loss_order_patches_the_worst_stand_in_first(tiny):
 def test_interpolate_by_loss_scores_on_calibration_text_and_records_the_order(tmp_path, capsys):
     import json as _json
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from boomerang_jax.cli import main as cli_main
     from boomerang_jax.family import plan_files
     from boomerang_jax.hf.export import save_hf
     from boomerang_jax.surgery import LayerPlan, patched_for
-    from tests.conftest import build_hf_model
 
-    words = "the cat sat on a mat and dog ran to big red house".split()
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
-                        tie_word_embeddings=False)).save_pretrained(tmp_path / "m")
-    fast.save_pretrained(tmp_path / "m")
+    words = WORDS
+    word_model(tmp_path / "m", num_layers=4)
     ck = load_hf(tmp_path / "m", to_device=False)
     plan = LayerPlan.from_kept(4, [0, 2])
     (s_cfg, s_params), (t_cfg, t_params) = _stand_in_case(ck, plan)

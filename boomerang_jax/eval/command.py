@@ -64,7 +64,7 @@ def load_batches(data: str, *, tokenizer_files: dict[str, bytes] | None = None, 
                     (Path(tmp) / name).write_bytes(blob)
                 tok = load_tokenizer(tmp)
             else:
-                raise ValueError(f"no tokenizer files to tokenise {data}; pass --tokenizer")
+                raise ValueError(f"no tokenizer to tokenise {data}: the model has no tokenizer files; pass --tokenizer")
             path = str(Path(tmp) / "data")
             prepare_dataset(open_source(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
         cfg = DataConfig(path=path, split=split, seq_len=seq_len, batch_size=batch_size, shuffle=False,
@@ -85,8 +85,6 @@ def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512
     from boomerang_jax.eval.perplexity import perplexity
 
     found = _models(models)
-    if not _is_prepared(data) and not tokenizer and not found[0][3]:
-        raise ValueError(f"{models}: no tokenizer files; pass --tokenizer to tokenise {data}")
     batches = load_batches(data, tokenizer_files=found[0][3], tokenizer=tokenizer, split=split, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens, text_field=text_field)
     rows = []
