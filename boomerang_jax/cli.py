@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=plan_memory_command)
 
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
+    from boomerang_jax.data.teacher_text import add_teacher_text_arguments, teacher_text_command
     from boomerang_jax.eval.command import add_eval_arguments, eval_command
     from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command
     from boomerang_jax.family import (
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_, add, func in [
         ("prepare-data", "tokenise a text source into ArrayRecord shards for training/evaluation",
          add_prepare_arguments, prepare_command),
+        ("teacher-text", "sample training text from the teacher itself, as jsonl (mix it into the training data)",
+         add_teacher_text_arguments, teacher_text_command),
         ("prune", "write the (undistilled) student of a teacher for a layer plan, as an HF dir with its plan",
          add_prune_arguments, prune_command),
         ("interpolate", "export the zero-shot family of sizes from a student and its teacher",
@@ -213,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # our errors name the file/key/value: show them plainly
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors name the file/key/value: show them plainly
         print(f"boomerang {args.command}: error: {e}", file=sys.stderr)
         return 2
 

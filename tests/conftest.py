@@ -101,6 +101,26 @@ def save_tiny(path: Path, name: str, seed: int = 0):
     return model
 
 
+WORDS = "the cat sat on a mat and dog ran to big red house".split()
+
+
+def word_model(path, num_layers: int):
+    """A tiny llama saved with a word-level tokenizer over WORDS (id 1 = </s>); returns (model, tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    model = build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                eos_token_id=1, tie_word_embeddings=False))
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast
+
+
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -465,3 +465,46 @@ def test_embedded_teacher_tokenizer_prepares_sotu(tmp_path):
     assert docs[0][:-1].tolist() == tok(first, add_special_tokens=False)["input_ids"]
     cfg = DataConfig(str(tmp_path), seq_len=128, batch_size=2)
     check_batch(next(make_iterator(cfg)), 128)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, tokenizer) -> tuple[Path, Path, set, set]:
+    """Two prepared datasets with disjoint documents: short ones (A) and long ones (B)."""
+    enc = DocumentEncoder.create(tokenizer)
+    rng = np.random.default_rng(3)
+    short = [" ".join(rng.choice(WORDS[:8], size=int(rng.integers(3, 9)))) for _ in range(40)]
+    long = [" ".join(rng.choice(WORDS[8:], size=int(rng.integers(30, 60)))) for _ in range(15)]
+    a, b = tmp_path_factory.mktemp("mix-a"), tmp_path_factory.mktemp("mix-b")
+    prepare_dataset(short, enc, str(a))
+    prepare_dataset(long, enc, str(b))
+    return a, b, {tuple(enc.encode(t).tolist()) for t in short}, {tuple(enc.encode(t).tolist()) for t in long}
+
+
+@pytest.mark.parametrize("share", [0.25, 0.6])
+def test_mixed_datasets_supply_their_share_of_tokens_and_resume_exactly(mixed, share):
+    a, b, docs_a, docs_b = mixed
+    cfg = DataConfig(str(a), seq_len=32, batch_size=4, seed=1, mix=[{"path": str(b), "share": share}])
+    batches = _take(make_iterator(cfg), 150)
+    docs = _documents_from_stream(_stream(batches))[1:-1]  # whole documents only
+    assert set(docs) <= docs_a | docs_b and set(docs) & docs_a and set(docs) & docs_b
+    tokens_b = sum(len(d) for d in docs if d in docs_b)
+    assert abs(tokens_b / sum(map(len, docs)) - share) < 0.05
+    assert _same(batches[:20], _take(make_iterator(cfg), 20))
+    it = make_iterator(cfg)
+    _take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))
+    assert _same(_take(make_iterator(cfg, state), 5), batches[7:12])
+
+
+def test_mix_errors_name_the_problem(mixed, tmp_path, tokenizer):
+    a, b, _, _ = mixed
+    with pytest.raises(ValueError, match="add up to 1"):
+        DataConfig(str(a), mix=[(str(b), 0.5), (str(b), 0.5)])
+    with pytest.raises(ValueError, match=r"share must be in \(0, 1\)"):
+        DataConfig(str(a), mix=[(str(b), 0)])
+    with pytest.raises(ValueError, match="expected keys path and share"):
+        DataConfig.from_dict({"path": str(a), "mix": [{"path": str(b), "weight": 0.5}]})
+    other = tmp_path / "bos"
+    prepare_dataset(_texts(5), DocumentEncoder.create(tokenizer, add_bos=True), str(other))
+    with pytest.raises(ValueError, match=f"mix: {other} was tokenised differently"):
+        make_iterator(DataConfig(str(a), mix=[(str(other), 0.5)]))

@@ -13,7 +13,7 @@ from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to
 from boomerang_jax.eval.perplexity import perplexity, summarise
 from boomerang_jax.hf.checkpoint import load_hf
 from boomerang_jax.models.transformer import forward
-from tests.conftest import save_tiny, torch_logits
+from tests.conftest import WORDS, save_tiny, torch_logits, word_model
 
 
 def pack_rows(docs: list[np.ndarray], seq_len: int, rows: int) -> dict[str, np.ndarray]:
@@ -98,28 +98,6 @@ def test_dropping_layers_equals_transformers_without_those_layers(tiny):
     np.testing.assert_allclose(np.asarray(forward(small, cfg, tokens).logits), ref, atol=1e-4)
     with pytest.raises(ValueError, match="invalid layers to drop"):
         drop_layers(ck.params, ck.config, [7])
-
-
-WORDS = "the cat sat on a mat and dog ran to big red house".split()
-
-
-def word_model(path, num_layers: int):
-    """A tiny llama saved with a word-level tokenizer over WORDS (id 1 = </s>); returns (model, tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.conftest import build_hf_model
-
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    model = build_hf_model(dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                                eos_token_id=1, tie_word_embeddings=False))
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return model, fast
 
 
 def test_eval_command_matches_transformers_perplexity_on_raw_text(tmp_path, capsys):

@@ -54,6 +54,9 @@ class DataConfig:
     read_buffer: int = 256
     worker_count: int = 0           # >0: grain multiprocessing workers (changes the order, stays deterministic)
     prefetch_batches: int = 0       # >0: batches prefetched by a background thread
+    # Other prepared datasets mixed in, as (path, share of training tokens): e.g. (("runs/x/teacher-text", 0.5),)
+    # gives half the tokens from there and the rest from `path`. Same split name and tokenizer in each.
+    mix: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.packing not in PACKINGS:
@@ -66,6 +69,11 @@ class DataConfig:
             raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        mix = tuple(_mix_entry(m) for m in self.mix)
+        object.__setattr__(self, "mix", mix)
+        total = sum(share for _, share in mix)
+        if mix and not total < 1.0:
+            raise ValueError(f"mix shares add up to {total:g}; they must leave a share (> 0) for {self.path}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
@@ -75,6 +83,23 @@ class DataConfig:
         if unknown:
             raise ValueError(f"unknown data config keys {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+
+def _mix_entry(entry: Any) -> tuple[str, float]:
+    """(path, share) from a tuple/list or a {path, share} mapping (YAML); the share must be in (0, 1)."""
+    if isinstance(entry, Mapping):
+        unknown = sorted(set(entry) - {"path", "share"})
+        if unknown or "path" not in entry or "share" not in entry:
+            raise ValueError(f"mix entry {dict(entry)}: expected keys path and share")
+        path, share = entry["path"], entry["share"]
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+        path, share = entry
+    else:
+        raise ValueError(f"mix entry {entry!r}: expected (path, share) or {{path: ..., share: ...}}")
+    share = float(share)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"mix entry {path}: share must be in (0, 1), got {share}")
+    return str(path), share
 
 
 def _decode(record: bytes, dtype: str) -> np.ndarray:
@@ -91,19 +116,42 @@ def open_documents(path: str, split: str = "train") -> tuple[grain.MapDataset, M
     return grain.MapDataset.source(source).map(functools.partial(_decode, dtype=meta.dtype)), meta
 
 
-def host_documents(cfg: DataConfig) -> grain.MapDataset:
-    """This host's documents in iteration order (sharded, shuffled, repeated), before packing."""
-    docs, _ = open_documents(cfg.path, cfg.split)
+def _host_part(cfg: DataConfig, path: str, seed: int) -> tuple[grain.MapDataset, Metadata]:
+    docs, meta = open_documents(path, cfg.split)
     n = len(docs)
     docs = docs[cfg.process_index :: cfg.process_count]
     if len(docs) == 0:
-        raise ValueError(f"{cfg.path} [{cfg.split}] has {n} documents: none left for host "
+        raise ValueError(f"{path} [{cfg.split}] has {n} documents: none left for host "
                          f"{cfg.process_index} of {cfg.process_count}")
     if cfg.shuffle:
-        docs = docs.shuffle(seed=cfg.seed)
+        docs = docs.shuffle(seed=seed)
     if cfg.num_epochs != 1:
         docs = docs.repeat(cfg.num_epochs)
-    return docs
+    return docs, meta
+
+
+def host_documents(cfg: DataConfig) -> grain.MapDataset:
+    """This host's documents in iteration order (sharded, shuffled, repeated), before packing.
+
+    With `cfg.mix`, documents of every dataset are interleaved (deterministically) so that each supplies its
+    share of the tokens: a dataset's documents are drawn in proportion to share / mean document length.
+    With num_epochs set, the mixture ends when its first dataset runs out."""
+    docs, meta = _host_part(cfg, cfg.path, cfg.seed)
+    if not cfg.mix:
+        return docs
+    parts = [(docs, 1.0 - sum(share for _, share in cfg.mix), meta, cfg.path)]
+    for i, (path, share) in enumerate(cfg.mix, start=1):
+        part, part_meta = _host_part(cfg, path, cfg.seed + i)
+        facts = [{k: m.tokenizer.get(k) for k in ("vocab_size", "eos_id", "bos_id")} for m in (part_meta, meta)]
+        if facts[0] != facts[1]:
+            raise ValueError(f"mix: {path} was tokenised differently from {cfg.path} ({facts[0]} vs "
+                             f"{facts[1]}); prepare both with the same tokenizer")
+        parts.append((part, share, part_meta, path))
+    weights = []
+    for _, share, m, _ in parts:
+        split = m.splits[cfg.split]
+        weights.append(share / (split["num_tokens"] / split["num_docs"]))
+    return grain.MapDataset.mix([p[0] for p in parts], weights=weights)
 
 
 def make_dataset(cfg: DataConfig) -> grain.IterDataset:

@@ -45,10 +45,12 @@ class ModelOutput:
     hidden_states: tuple[jax.Array, ...]
     final_hidden: jax.Array
     last_layer_output: jax.Array
+    cache: tuple[jax.Array, jax.Array] | None = None  # updated key/value cache when decoding with one
 
 
 jax.tree_util.register_dataclass(
-    ModelOutput, data_fields=["logits", "hidden_states", "final_hidden", "last_layer_output"], meta_fields=[]
+    ModelOutput, data_fields=["logits", "hidden_states", "final_hidden", "last_layer_output", "cache"],
+    meta_fields=[],
 )
 
 
@@ -113,6 +115,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
+def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
+    """[B, 1, T, S] boolean for decoding with a key/value cache of S slots: a query at position p sees slots <= p."""
+    return (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]
+
+
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
     """[B, 1, T, T] boolean: causal and within the same segment (padding, id 0, only sees padding)."""
     t = segment_ids.shape[-1]
@@ -127,7 +134,10 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None) -> Any:
+        """Attention output; with a cache `kv` ([B, S, Hkv, hd] keys, values), x's keys and values are written
+        at slot `index` onward, the queries attend over the whole cache, and (output, new cache) is returned."""
         c = self.config
         b, t, _ = x.shape
         dense = lambda n, f, bias: Dense(f, bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
@@ -138,13 +148,17 @@ class Attention(nn.Module):
             q = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="q_norm")(q)
             k = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         groups = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, c.num_heads * c.head_dim)
-        return Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads * c.head_dim)
+        out = Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
+        return out if kv is None else (out, (k, v))
 
 
 class MLP(nn.Module):
@@ -174,16 +188,21 @@ class Block(nn.Module):
     collect: str = "none"
 
     @nn.compact
-    def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array):
+    def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
         c = self.config
         h, buf = carry if self.collect == "buffer" else (carry, None)
         norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
-        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask)
+        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask, kv, index)
+        if kv is not None:
+            attn, kv = attn
         if c.parallel_residual:
             h = h + attn + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
         else:
             h = h + attn
             h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
+        if kv is not None:
+            return h, kv  # decoding: the scan stacks every layer's updated cache
         if self.collect == "buffer":
             return (h, jax.lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), slot, 0)), None
         return h, (h if self.collect == "stack" else None)
@@ -209,6 +228,8 @@ class Transformer(nn.Module):
         positions: jax.Array | None = None,
         hidden_indices: Sequence[int] = (),
         return_logits: bool = True,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
     ) -> ModelOutput:
         c = self.config
         if segment_ids is None:
@@ -220,6 +241,8 @@ class Transformer(nn.Module):
                          embedding_init=nn.initializers.normal(0.02))
         h = embed(tokens).astype(self.dtype)
         cos, sin = rope_tables(c, positions)
+        if cache is not None:
+            return self._decode(embed, h, cos, sin, positions, cache, cache_index, return_logits)
         mask = attention_mask(segment_ids)
         inner = sorted({i for i in idx if 0 < i < c.num_layers})
         collect = "none" if not inner else "buffer" if self.hidden_buffer else "stack"
@@ -248,13 +271,31 @@ class Transformer(nn.Module):
         picked = []
         for i in idx:
             picked.append(h_in if i == 0 else final if i == c.num_layers else per_layer[i])
-        logits = None
-        if return_logits:
-            if c.tie_word_embeddings:
-                logits = embed.attend(final)
-            else:
-                logits = Dense(c.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(final)
+        logits = self._logits(embed, final) if return_logits else None
         return ModelOutput(logits=logits, hidden_states=tuple(picked), final_hidden=final, last_layer_output=h)
+
+    def _logits(self, embed: nn.Embed, final: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return embed.attend(final)
+        return Dense(self.config.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(final)
+
+    def _decode(self, embed: nn.Embed, h: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                cache: tuple[jax.Array, jax.Array], index: jax.Array, return_logits: bool) -> ModelOutput:
+        """Forward of the tokens at slots index.. of a key/value cache ([L, B, S, Hkv, hd] keys and values)."""
+        c = self.config
+        layers = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.dtype, self.param_dtype, "none", name="layers")
+        mask = cache_mask(positions, cache[0].shape[2])
+        slots = jnp.zeros((c.num_layers,), jnp.int32)
+        h, new_cache = layers(h, cos, sin, mask, slots, cache, index)
+        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
+        logits = self._logits(embed, final) if return_logits else None
+        return ModelOutput(logits=logits, hidden_states=(), final_hidden=final, last_layer_output=h, cache=new_cache)
 
 
 def _normalise_indices(indices: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -286,12 +327,29 @@ def forward(
     dtype: Any = jnp.float32,
     remat: str = "none",
     hidden_buffer: bool = False,
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    cache_index: jax.Array | int | None = None,
 ) -> ModelOutput:
     """Functional forward pass on a plain parameter dict (docs/PARAMS.md).
 
-    `hidden_buffer=True` keeps only the requested hidden states (see Transformer) for undifferentiated passes."""
+    `hidden_buffer=True` keeps only the requested hidden states (see Transformer) for undifferentiated passes.
+    Decoding: pass `cache` (from `init_cache`) and `cache_index`, the slot of tokens[:, 0]; `positions` default
+    to index, index+1, ...; the output carries the updated cache. Rows are single sequences (no segments)."""
+    if cache is not None:
+        if hidden_indices:
+            raise ValueError("hidden states are not collected when decoding with a cache")
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(tokens.shape[-1]), tokens.shape)
     model = Transformer(config, dtype=dtype, remat=remat, hidden_buffer=hidden_buffer)
-    return model.apply({"params": params}, tokens, segment_ids, positions, tuple(hidden_indices), return_logits)
+    return model.apply({"params": params}, tokens, segment_ids, positions, tuple(hidden_indices), return_logits,
+                       cache, cache_index)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32
+               ) -> tuple[jax.Array, jax.Array]:
+    """Empty key and value caches, [num_layers, batch, length, num_kv_heads, head_dim] each, for `forward`."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 def init_params(config: ModelConfig, key: jax.Array, param_dtype: Any = jnp.float32) -> Params:

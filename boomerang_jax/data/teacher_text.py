@@ -1,0 +1,126 @@
+"""Teacher-written training text: documents sampled from the teacher itself, written as jsonl.
+
+Why: distilling only on a narrow corpus (the demo's State of the Union speeches) specialises the student to
+that corpus, and every size of the family inherits it. Text the teacher writes, unprompted, follows the
+teacher's own distribution, so mixing it into the training data (`DataConfig.mix`) distils the teacher's
+general behaviour as well. The file is ordinary jsonl (`{"text": ...}` per line), prepared like any other
+source with `boomerang prepare-data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from boomerang_jax import storage
+from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.generate import generate
+from boomerang_jax.models.transformer import Params
+
+
+def sample_documents(
+    params: Params,
+    config: ModelConfig,
+    *,
+    start_id: int,
+    stop_id: int,
+    num_docs: int,
+    length: int = 128,
+    batch: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """`num_docs` token arrays, each sampled after `start_id` for up to `length` tokens and cut before the first
+    `stop_id` (the teacher ended its document); empty ones are dropped. Seeded: same seed, same documents."""
+    if num_docs < 1 or length < 1 or batch < 1:
+        raise ValueError(f"need num_docs, length and batch >= 1, got {num_docs}, {length}, {batch}")
+    key = jax.random.key(seed)
+    batches = math.ceil(num_docs / batch)
+    prompts = np.full((batch, 1), start_id, np.int32)
+    done, t0 = 0, time.perf_counter()
+    for b in range(batches):
+        key, sub = jax.random.split(key)
+        rows = generate(params, config, prompts, length, temperature=temperature, key=sub)[:, 1:]
+        for row in rows[: num_docs - done]:
+            stops = np.flatnonzero(row == stop_id)
+            doc = row[: stops[0]] if len(stops) else row
+            if len(doc):
+                yield doc
+        done = min(num_docs, done + batch)
+        if log is not None:
+            rate = done * length / (time.perf_counter() - t0)
+            log(f"  teacher text: {done}/{num_docs} documents ({b + 1}/{batches} batches, {rate:.0f} tok/s)")
+
+
+def write_teacher_text(
+    params: Params,
+    config: ModelConfig,
+    tokenizer: Any,
+    out_path: str,
+    *,
+    tokens: int,
+    length: int = 128,
+    batch: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    start_token: str = "<|endoftext|>",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sample about `tokens` tokens of teacher text (documents of <= `length` tokens, each begun after
+    `start_token`, the document separator the teacher was trained with) into a jsonl file, written atomically."""
+    start_id = tokenizer.convert_tokens_to_ids(start_token)
+    if start_id is None or (tokenizer.unk_token_id is not None and start_id == tokenizer.unk_token_id
+                            and start_token != tokenizer.unk_token):
+        raise ValueError(f"start token {start_token!r} is not in the tokenizer's vocabulary")
+    if start_id >= config.vocab_size:
+        raise ValueError(f"start token {start_token!r} has id {start_id}, outside the model's vocabulary "
+                         f"({config.vocab_size})")
+    num_docs = max(1, math.ceil(tokens / length))
+    lines, n_tokens = [], 0
+    for doc in sample_documents(params, config, start_id=int(start_id), stop_id=int(start_id), num_docs=num_docs,
+                                length=length, batch=batch, temperature=temperature, seed=seed, log=log):
+        text = tokenizer.decode(doc.tolist(), skip_special_tokens=True)
+        if text.strip():
+            lines.append(json.dumps({"text": text}, ensure_ascii=False))
+            n_tokens += len(doc)
+    if not lines:
+        raise ValueError("the teacher wrote no non-empty document (every sample began with the stop token)")
+    storage.write_text_atomic(out_path, "\n".join(lines) + "\n")
+    return {"path": str(out_path), "documents": len(lines), "tokens": n_tokens, "length": length,
+            "temperature": temperature, "seed": seed, "start_token": start_token}
+
+
+def add_teacher_text_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `boomerang teacher-text`."""
+    p.add_argument("--teacher", required=True, help="smollm2-135m, a .gguf file, an HF dir or hub id")
+    p.add_argument("--out", required=True, help="jsonl file to write (local or gs://)")
+    p.add_argument("--tokens", type=int, default=100_000, help="about how many tokens to write")
+    p.add_argument("--length", type=int, default=128, help="tokens per document at most")
+    p.add_argument("--batch", type=int, default=64, help="documents sampled at once")
+    p.add_argument("--temperature", type=float, default=1.0, help="1.0 samples the teacher's own distribution")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-token", default="<|endoftext|>", help="document separator each sample begins after")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def teacher_text_command(args: argparse.Namespace) -> int:
+    from boomerang_jax.data.tokenize import load_tokenizer
+    from boomerang_jax.hf.sources import load_model
+
+    if storage.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    tok = load_tokenizer(args.teacher)
+    ck = load_model(args.teacher)
+    info = write_teacher_text(ck.params, ck.config, tok, args.out, tokens=args.tokens, length=args.length,
+                              batch=args.batch, temperature=args.temperature, seed=args.seed,
+                              start_token=args.start_token, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(info))
+    return 0
