@@ -135,9 +135,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None) -> Any:
-        """Attention output; with a cache `kv` ([B, S, Hkv, hd] keys, values), x's keys and values are written
-        at slot `index` onward, the queries attend over the whole cache, and (output, new cache) is returned."""
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+                 layer: jax.Array | None = None) -> Any:
+        """Attention output; with a cache `kv` (every layer's [L, B, S, Hkv, hd] keys, values), x's keys and
+        values are written into layer `layer`'s cache at slot `index` onward (in place: the stacks are a loop
+        carry), the queries attend over that layer's whole cache, and (output, new cache) is returned."""
         c = self.config
         b, t, _ = x.shape
         dense = lambda n, f, bias: Dense(f, bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
@@ -149,8 +151,10 @@ class Attention(nn.Module):
             k = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            zero = jnp.zeros((), jnp.int32)
+            at = (layer, zero, jnp.asarray(index, jnp.int32), zero, zero)
+            kv = tuple(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), at) for c_, new in zip(kv, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c_, layer, 0, keepdims=False) for c_ in kv)
         groups = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
@@ -158,7 +162,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads * c.head_dim)
         out = Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
-        return out if kv is None else (out, (k, v))
+        return out if kv is None else (out, kv)
 
 
 class MLP(nn.Module):
@@ -180,7 +184,8 @@ class Block(nn.Module):
     """One decoder layer. Collection of layer outputs (for hidden states) is one of:
     "none"; "stack", the scan output (every layer's output, [L, B, T, D]: what backprop keeps anyway); or
     "buffer", written into a carried [n + 1, B, T, D] buffer at this layer's slot (slot n is scratch), so a
-    forward pass without gradients (the teacher) holds only the n requested outputs."""
+    forward pass without gradients (the teacher) holds only the n requested outputs; or "cache" (decoding):
+    the carry holds every layer's key/value cache and `slot` is this layer's index in it."""
 
     config: ModelConfig
     dtype: Any
@@ -189,11 +194,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+                 index: jax.Array | None = None):
         c = self.config
-        h, buf = carry if self.collect == "buffer" else (carry, None)
+        h, buf = carry if self.collect in ("buffer", "cache") else (carry, None)
+        kv = buf if self.collect == "cache" else None  # decoding: carry = (h, every layer's key/value cache)
         norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
-        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask, kv, index)
+        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask, kv, index,
+                                                                      slot)
         if kv is not None:
             attn, kv = attn
         if c.parallel_residual:
@@ -202,7 +209,7 @@ class Block(nn.Module):
             h = h + attn
             h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
         if kv is not None:
-            return h, kv  # decoding: the scan stacks every layer's updated cache
+            return (h, kv), None
         if self.collect == "buffer":
             return (h, jax.lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), slot, 0)), None
         return h, (h if self.collect == "stack" else None)
@@ -287,12 +294,12 @@ class Transformer(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_layers,
-        )(c, self.dtype, self.param_dtype, "none", name="layers")
+        )(c, self.dtype, self.param_dtype, "cache", name="layers")
         mask = cache_mask(positions, cache[0].shape[2])
-        slots = jnp.zeros((c.num_layers,), jnp.int32)
-        h, new_cache = layers(h, cos, sin, mask, slots, cache, index)
+        (h, new_cache), _ = layers((h, tuple(cache)), cos, sin, mask, jnp.arange(c.num_layers, dtype=jnp.int32),
+                                   index)
         final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
         logits = self._logits(embed, final) if return_logits else None
         return ModelOutput(logits=logits, hidden_states=(), final_hidden=final, last_layer_output=h, cache=new_cache)
