@@ -133,6 +133,15 @@ def tiny_name(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def tiny(tmp_path, tiny_name):
+    """(transformers model, our Checkpoint) of one TINY_CONFIGS family, saved and reloaded from an HF dir."""
+    from boomerang_jax.hf.checkpoint import load_hf
+
+    model = save_tiny(tmp_path / tiny_name, tiny_name)
+    return model, load_hf(tmp_path / tiny_name)
+
+
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """A local GCS emulator for the whole session, with every client pointed at it through its documented

@@ -15,12 +15,6 @@ from boomerang_jax.models.transformer import forward, init_cache
 from tests.conftest import save_tiny, torch_logits
 
 
-@pytest.fixture
-def tiny(tmp_path, tiny_name):
-    model = save_tiny(tmp_path / tiny_name, tiny_name)
-    return model, load_hf(tmp_path / tiny_name)
-
-
 def test_cached_decoding_gives_transformers_logits_token_by_token(tiny):
     model, ck = tiny
     tokens = np.random.RandomState(3).randint(0, ck.config.vocab_size, (2, 11))

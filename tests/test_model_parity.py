@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from boomerang_jax.hf.checkpoint import load_hf
 from boomerang_jax.models.transformer import forward, init_params
-from tests.conftest import save_tiny, torch_logits
+from tests.conftest import torch_logits
 
 ATOL = 1e-4
-
-
-@pytest.fixture
-def tiny(tmp_path, tiny_name):
-    model = save_tiny(tmp_path / tiny_name, tiny_name)
-    return model, load_hf(tmp_path / tiny_name)
 
 
 def test_logits_match_transformers(tiny):

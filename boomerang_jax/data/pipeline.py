@@ -136,22 +136,20 @@ def host_documents(cfg: DataConfig) -> grain.MapDataset:
     With `cfg.mix`, documents of every dataset are interleaved (deterministically) so that each supplies its
     share of the tokens: a dataset's documents are drawn in proportion to share / mean document length.
     With num_epochs set, the mixture ends when its first dataset runs out."""
-    docs, meta = _host_part(cfg, cfg.path, cfg.seed)
     if not cfg.mix:
-        return docs
-    parts = [(docs, 1.0 - sum(share for _, share in cfg.mix), meta, cfg.path)]
-    for i, (path, share) in enumerate(cfg.mix, start=1):
-        part, part_meta = _host_part(cfg, path, cfg.seed + i)
-        facts = [{k: m.tokenizer.get(k) for k in ("vocab_size", "eos_id", "bos_id")} for m in (part_meta, meta)]
-        if facts[0] != facts[1]:
-            raise ValueError(f"mix: {path} was tokenised differently from {cfg.path} ({facts[0]} vs "
-                             f"{facts[1]}); prepare both with the same tokenizer")
-        parts.append((part, share, part_meta, path))
-    weights = []
-    for _, share, m, _ in parts:
-        split = m.splits[cfg.split]
+        return _host_part(cfg, cfg.path, cfg.seed)[0]
+    parts, weights, first = [], [], None
+    for i, (path, share) in enumerate(((cfg.path, 1.0 - sum(sh for _, sh in cfg.mix)), *cfg.mix)):
+        part, meta = _host_part(cfg, path, cfg.seed + i)
+        facts = {k: meta.tokenizer.get(k) for k in ("vocab_size", "eos_id", "bos_id")}
+        first = first or facts
+        if facts != first:
+            raise ValueError(f"mix: {path} was tokenised differently from {cfg.path} ({facts} vs {first}); "
+                             "prepare both with the same tokenizer")
+        split = meta.splits[cfg.split]
+        parts.append(part)
         weights.append(share / (split["num_tokens"] / split["num_docs"]))
-    return grain.MapDataset.mix([p[0] for p in parts], weights=weights)
+    return grain.MapDataset.mix(parts, weights=weights)
 
 
 def make_dataset(cfg: DataConfig) -> grain.IterDataset:

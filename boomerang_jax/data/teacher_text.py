@@ -112,13 +112,14 @@ def add_teacher_text_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def teacher_text_command(args: argparse.Namespace) -> int:
-    from boomerang_jax.data.tokenize import load_tokenizer
+    from boomerang_jax.data.tokenize import load_tokenizer, tokenizer_from_files
     from boomerang_jax.hf.sources import load_model
 
     if storage.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    tok = load_tokenizer(args.teacher)
     ck = load_model(args.teacher)
+    # the checkpoint carries its tokenizer files (GGUF, HF dir): no second read of the model file
+    tok = tokenizer_from_files(ck.tokenizer_files) if ck.tokenizer_files else load_tokenizer(args.teacher)
     info = write_teacher_text(ck.params, ck.config, tok, args.out, tokens=args.tokens, length=args.length,
                               batch=args.batch, temperature=args.temperature, seed=args.seed,
                               start_token=args.start_token, log=lambda m: print(m, file=sys.stderr, flush=True))
