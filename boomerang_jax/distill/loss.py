@@ -213,7 +213,7 @@ def distill_loss(
     metrics: dict[str, jax.Array] = {}
 
     if use_ce or use_kl:
-        ce_sum, kl_sum = _chunked_ce_kl(
+        ce_sum, kl_sum = chunked_ce_kl(
             student_final,
             student_head,
             teacher_final,
@@ -249,7 +249,7 @@ def distill_loss(
     return total, metrics
 
 
-def _chunked_ce_kl(
+def chunked_ce_kl(
     student_final: jax.Array,
     student_head: jax.Array,
     teacher_final: jax.Array | None,
@@ -262,7 +262,8 @@ def _chunked_ce_kl(
     use_ce: bool,
     use_kl: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    """Masked sums of CE and KL over all tokens, scanning sequence chunks with remat."""
+    """Masked sums of CE (of `targets`) and KL(teacher || student) over all tokens, scanning sequence chunks with
+    remat: never a [B, T, V] tensor. Used by the distillation loss and by the KL patch order (eval/patch_order)."""
     b, t, _ = student_final.shape
     c, n, pad = _chunk_layout(t, chunk)
     s_head = student_head.astype(jnp.float32)
