@@ -432,8 +432,8 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
                              "patches the block that brings the model closest to the teacher on --calib text), "
                              "by-loss (one-shot: the worst stand-in block first; boomerang_jax.eval.patch_order), "
                              "or the multi-layer blocks as student layer ids, e.g. 4,12,1,...")
-    parser.add_argument("--calib", help="calibration data for --order kl-greedy / by-loss: a prepared dataset dir or any "
-                                         "source prepare-data reads (text/jsonl, sotu, ...); use training-"
+    parser.add_argument("--calib", help="calibration data for --order kl-greedy / by-loss: a prepared dataset "
+                                         "dir or any source prepare-data reads (text/jsonl, sotu, ...); use training-"
                                          "distribution text, not your evaluation text")
     parser.add_argument("--calib-split", default="train", help="split of a prepared --calib dataset")
     parser.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")

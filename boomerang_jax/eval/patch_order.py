@@ -2,9 +2,10 @@
 
 `kl_greedy_order` (the demo's default, `kl-greedy`) is KLPatch ("Understanding Layer Patching in Model Size
 Interpolation", 2026): starting from the student, patch at each step the block whose patching brings the model
-closest to the teacher, measured by KL(teacher || model) per token on calibration text; K(K-1)/2 scored models.
-It is the order to use after a short distillation: each step is chosen given the blocks already patched, so it
-is good at both ends of the family, where any one-shot score ranks well at one end only (docs/DECISIONS.md).
+closest to the teacher, measured by KL(teacher || model) per token on calibration text (K(K+1)/2 - 1 scored
+models). Each step is chosen given the blocks already patched; a one-shot score ranks every block once, in
+the context of the whole teacher, and after a short distillation that ranks well only near the teacher
+(measurements in docs/DECISIONS.md).
 
 The paper patches in a fixed order (last-to-first or first-to-last). After a short distillation the student
 layers are not equally good stand-ins for their blocks, and the blocks at the ends of a model often matter
