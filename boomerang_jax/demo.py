@@ -45,7 +45,7 @@ class DemoSettings:
     lr: float = 3e-4
     # Share of training tokens written by the teacher itself (data/teacher_text.py), the rest State of the Union
     # text: distilling on the speeches alone specialises the student to them (docs/DECISIONS.md, measured).
-    teacher_text_share: float = 0.5
+    teacher_text_share: float = 0.75
     teacher_text_tokens: int | None = None  # None: what training consumes (steps x batch x seq x share)
     teacher_text_length: int = 128
     eval_seq: int = 256
