@@ -178,25 +178,18 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.eval.patch_order import BY_LOSS, KL_GREEDY, block_scores, by_loss_order, kl_greedy_order
+    from boomerang_jax.eval.patch_order import DATA_ORDERS, order_from_data
     from boomerang_jax.family import export_family, materialise, open_source, parse_sizes
 
     student = read_student_checkpoint(out / "distill")
     teacher = open_source(out / "teacher")
     order: Any = s.order
     info: dict[str, Any] = {}
-    if s.order in (KL_GREEDY, BY_LOSS):
+    if s.order in DATA_ORDERS:
         # the same calibration text as the ShortGPT baseline: the speeches' validation split
         calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
-        pair_s = (student.config, materialise(student))
-        pair_t = (teacher.config, materialise(teacher))
-        if s.order == KL_GREEDY:
-            order, steps = kl_greedy_order(pair_s, pair_t, student.plan, calib, log=_say)
-            info = {"kl_steps": steps}
-        else:
-            scores = block_scores(pair_s, pair_t, student.plan, calib, log=_say)
-            order = by_loss_order(scores)
-            info = {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
+        order, info = order_from_data(s.order, (student.config, materialise(student)),
+                                      (teacher.config, materialise(teacher)), student.plan, calib, log=_say)
         _say(f"patch order ({s.order}, calibration text): {list(order)}")
     ks = parse_sizes(s.sizes, student.plan, order)
     family = export_family(student, teacher, out / "family", order=order, ks=ks, overwrite=True, log=_say)

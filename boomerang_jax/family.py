@@ -454,7 +454,7 @@ def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Sour
                       split: str = "train", tokens: int = 8192, seq_len: int = 256,
                       log: Callable[[str], None] | None = None) -> Order:
     """--order as an Order: a name, 'kl-greedy' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
-    from boomerang_jax.eval.patch_order import BY_LOSS, DATA_ORDERS, KL_GREEDY
+    from boomerang_jax.eval.patch_order import DATA_ORDERS
 
     spec = spec.strip()
     if spec in ORDERS:
@@ -464,15 +464,12 @@ def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Sour
             raise FamilyError(f"--order {spec} needs --calib DATA (text to choose the order on; not your "
                               "evaluation text)")
         from boomerang_jax.eval.command import load_batches
-        from boomerang_jax.eval.patch_order import block_scores, by_loss_order, kl_greedy_order
+        from boomerang_jax.eval.patch_order import order_from_data
 
         batches = load_batches(calib, tokenizer_files=teacher.tokenizer_files or student.tokenizer_files,
                                split=split, seq_len=seq_len, max_tokens=tokens)
-        pair_s = (student.config, materialise(student))
-        pair_t = (teacher.config, materialise(teacher))
-        if spec == KL_GREEDY:
-            return kl_greedy_order(pair_s, pair_t, plan, batches, log=log)[0]
-        return by_loss_order(block_scores(pair_s, pair_t, plan, batches, log=log))
+        return order_from_data(spec, (student.config, materialise(student)), (teacher.config, materialise(teacher)),
+                               plan, batches, log=log)[0]
     try:
         seq = [int(part) for part in spec.split(",") if part.strip()]
     except ValueError:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from boomerang_jax.distill.loss import chunked_ce_kl
+from boomerang_jax.models.transformer import forward, head_kernel
 from boomerang_jax.surgery import LayerPlan, Model, interpolate, patch_sequence, patched_for
 
 BY_LOSS = "by-loss"
@@ -63,9 +65,6 @@ def by_loss_order(scores: Mapping[int, float]) -> tuple[int, ...]:
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
 def _kl_sums(params: Any, config: Any, batch: Mapping[str, jax.Array], teacher_final: jax.Array,
              teacher_head: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    from boomerang_jax.distill.loss import chunked_ce_kl
-    from boomerang_jax.models.transformer import forward, head_kernel
-
     out = forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                   return_logits=False)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -76,8 +75,6 @@ def _kl_sums(params: Any, config: Any, batch: Mapping[str, jax.Array], teacher_f
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _final_hidden(params: Any, config: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    from boomerang_jax.models.transformer import forward
-
     return forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                    return_logits=False).final_hidden
 
@@ -88,8 +85,6 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
     """KLPatch: the multi-layer blocks in patch order, chosen greedily by KL(teacher || model) on `batches`,
     and one record per chosen step {block, num_layers, kl, nll} (mean nats per token). `student`, `teacher`:
     (config, params) pairs. The teacher's final hidden states are computed once; logits are chunked."""
-    from boomerang_jax.models.transformer import head_kernel
-
     keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
     batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
     if not batches:
@@ -130,3 +125,17 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
                 f"({len(rest)} candidates, {time.perf_counter() - t0:.1f}s)")
     order = tuple(chosen + [b for b in multi if b not in chosen])
     return order, steps
+
+
+def order_from_data(name: str, student: Any, teacher: Any, plan: LayerPlan,
+                    batches: Iterable[Mapping[str, np.ndarray]], *, log: Callable[[str], None] | None = None
+                    ) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """The order `name` (one of DATA_ORDERS) chosen on calibration `batches`, and what it was chosen from
+    (`kl_steps` or `block_scores`, for the run's records). `student`, `teacher`: (config, params) pairs."""
+    if name == KL_GREEDY:
+        order, steps = kl_greedy_order(student, teacher, plan, batches, log=log)
+        return order, {"kl_steps": steps}
+    if name == BY_LOSS:
+        scores = block_scores(student, teacher, plan, batches, log=log)
+        return by_loss_order(scores), {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
+    raise ValueError(f"unknown data-chosen order {name!r}; known: {', '.join(DATA_ORDERS)}")
