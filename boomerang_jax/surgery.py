@@ -362,6 +362,34 @@ def layout(plan: LayerPlan, patched: Iterable[int], *, student_tied: bool, teach
     return Layout(tuple(sorted(p)), tuple(layers), embedding, head, tied)
 
 
+@dataclasses.dataclass(frozen=True)
+class HybridIndex:
+    """Where an interpolated model's parts sit in the student and teacher stacks, as arrays a jitted step can
+    gather with (so one compiled step serves every patched set of the same size).
+
+    `layers[l]`: layer l's index in concat(student layers, teacher layers) (a teacher layer j is M + j);
+    `hidden[i]`: the model's HF hidden-state index of the student's aligned index i (`plan.aligned_pairs`);
+    `teacher_embedding` / `teacher_head`: whether the embedding / final norm and head are the teacher's.
+    """
+
+    layers: np.ndarray
+    hidden: np.ndarray
+    teacher_embedding: np.ndarray
+    teacher_head: np.ndarray
+
+
+def hybrid_index(plan: LayerPlan, patched: Iterable[int]) -> HybridIndex:
+    """The gather indices of the model `interpolate(student, teacher, plan, patched)` builds (see HybridIndex)."""
+    lay = layout(plan, patched, student_tied=True, teacher_tied=True)
+    m = plan.num_student_layers
+    layers = [j if src == STUDENT else m + j for src, j in lay.layers]
+    sizes = [len(b) if i in lay.patched else 1 for i, b in enumerate(plan.blocks)]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    hidden = [int(bounds[s]) for s, _ in plan.aligned_pairs()]
+    return HybridIndex(np.asarray(layers, np.int32), np.asarray(hidden, np.int32),
+                       np.asarray(lay.embedding == TEACHER), np.asarray(lay.head == TEACHER))
+
+
 # ------------------------------------------------------------------------------------ model surgery
 def _model(x: Any, what: str) -> Model:
     if hasattr(x, "config") and hasattr(x, "params"):

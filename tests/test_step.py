@@ -15,16 +15,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from boomerang_jax import parallel, surgery
-from boomerang_jax.distill.loss import LossConfig
+from boomerang_jax.distill.loss import LossConfig, distill_loss
 from boomerang_jax.distill.step import (
     Distiller,
     TrainConfig,
     TrainState,
+    distill_forward,
+    hybrid_arrays,
     lr_schedule,
     make_optimizer,
+    patch_schedule,
 )
 from boomerang_jax.models.config import ModelConfig
-from boomerang_jax.models.transformer import param_shapes
+from boomerang_jax.models.transformer import forward, head_kernel, param_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,6 +193,113 @@ def test_distillation_lowers_the_kl_to_the_teacher():
     after = {k: float(v) for k, v in d.evaluate(state.params, teacher, held_out).items()}
     assert after["kl"] < 0.6 * before["kl"], (before, after)
     assert after["cos"] < before["cos"] and after["loss"] < before["loss"], (before, after)
+
+
+# ------------------------------------------------------------------------------- patch-aware distillation
+def _patched(plan: surgery.LayerPlan, blocks: list[int]) -> frozenset[int]:
+    """The family's patched set once `blocks` are patched (single-layer blocks closed as a family does)."""
+    rest = [b for b in plan.multi_layer_blocks if b not in blocks]
+    return surgery.patched_for(plan, list(blocks) + rest, len(blocks))
+
+
+def _hybrid_setup():
+    cfg, tparams, plan, student = tiny_setup(seed=2, num_hidden_layers=8)
+    rng = np.random.default_rng(7)  # a student that differs from the pruned teacher in every parameter
+    sparams = jax.tree.map(lambda x: x + rng.normal(0, 0.05, x.shape).astype(np.float32), student.params)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(3, 2, 16, cfg.vocab_size, pad_rows=1).items()}
+    return cfg, tparams, plan, student.config, sparams, batch
+
+
+def test_patched_hybrid_loss_equals_the_loss_of_the_interpolated_model():
+    # Reference: surgery.interpolate builds the model, its block boundaries are counted by hand, and the plain
+    # loss is computed on it. Covers a teacher embedding (block 0 patched) and a teacher head (the last
+    # multi-layer block patched closes the single-layer blocks after it).
+    cfg, tparams, plan, scfg, sparams, b = _hybrid_setup()
+    assert plan.blocks == ((0, 1), (2, 3), (4, 5), (6,), (7,))
+    lc = LossConfig(w_ce=0.5, w_kl=1.0, w_cos=2.0, chunk=8)
+    seen = set()
+    for blocks in ([1], [0], [2], [0, 2], [1, 2]):
+        patched = _patched(plan, blocks)
+        model = surgery.interpolate((scfg, sparams), (cfg, tparams), plan, patched)
+        bounds = np.cumsum([0] + [len(bl) if i in patched else 1 for i, bl in enumerate(plan.blocks)])
+        common = dict(segment_ids=b["segment_ids"], positions=b["positions"], return_logits=False)
+        out = forward(model.params, model.config, b["tokens"], **common,
+                      hidden_indices=[int(bounds[s]) for s, _ in plan.aligned_pairs()])
+        t = forward(tparams, cfg, b["tokens"], **common, hidden_indices=plan.teacher_hidden_indices())
+        want, want_m = distill_loss(lc, student_final=out.final_hidden, student_head=head_kernel(model.params, model.config),
+                                    teacher_final=t.final_hidden, teacher_head=head_kernel(tparams, cfg),
+                                    targets=b["targets"], loss_mask=b["loss_mask"],
+                                    student_hidden=out.hidden_states, teacher_hidden=t.hidden_states)
+        hybrid = {k: jnp.asarray(v) for k, v in hybrid_arrays(plan, patched).items()}
+        got, got_m = distill_forward(sparams, tparams, b, student_config=scfg, teacher_config=cfg, plan=plan,
+                                     loss_cfg=lc, compute_dtype=jnp.float32, hybrid=hybrid)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=str(sorted(patched)))
+        for key in ("kl", "ce", "cos"):
+            np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+        seen.add((bool(hybrid["teacher_embedding"]), bool(hybrid["teacher_head"])))
+    assert seen == {(False, False), (True, False), (False, True), (True, True)}
+
+
+def test_patched_hybrid_trains_only_the_student_layers_it_runs():
+    cfg, tparams, plan, scfg, sparams, b = _hybrid_setup()
+    hybrid = {k: jnp.asarray(v) for k, v in hybrid_arrays(plan, _patched(plan, [0])).items()}
+
+    def loss(p):
+        return distill_forward(p, tparams, b, student_config=scfg, teacher_config=cfg, plan=plan,
+                               loss_cfg=LossConfig(w_kl=1.0, chunk=8), compute_dtype=jnp.float32, hybrid=hybrid)[0]
+
+    g = jax.grad(loss)(sparams)
+    per_layer = np.abs(np.asarray(g["layers"]["attn"]["q_proj"]["kernel"])).sum(axis=(1, 2))
+    assert per_layer[0] == 0 and np.all(per_layer[1:] > 0), per_layer  # layer 0 stands for the patched block 0
+    # block 0 patched: the teacher's embedding feeds the model; the student's tied embedding is still its head
+    assert np.abs(np.asarray(g["embed"]["embedding"])).sum() > 0
+
+
+def test_patch_schedule_draws_the_sizes_in_turn_reproducibly():
+    plan = surgery.LayerPlan.from_knobs(30, every=2, first=1, last=2)
+    draws = [patch_schedule(plan, (0, 2, 5), 0, s) for s in range(30)]
+    assert all(d is None for d in draws[0::3])
+    for s, d in enumerate(draws):
+        if d is not None:
+            assert plan.num_layers(d) == 16 + (2 if s % 3 == 1 else 5)
+    assert len({d for d in draws[1::3]}) > 5  # different blocks at different steps
+    assert draws == [patch_schedule(plan, (0, 2, 5), 0, s) for s in range(30)]  # a resumed run draws the same
+    assert draws[1:10] != [patch_schedule(plan, (0, 2, 5), 1, s) for s in range(1, 10)]
+    assert patch_schedule(plan, (), 0, 3) is None
+    with pytest.raises(ValueError, match="patch_sizes entry 14"):
+        patch_schedule(plan, (14,), 0, 0)
+    assert TrainConfig(patch_sizes=[0, 2]).patch_sizes == (0, 2)
+    with pytest.raises(ValueError, match="patch_sizes must be >= 0"):
+        TrainConfig(patch_sizes=[0, -1])
+    with pytest.raises(ValueError, match="list of block counts"):
+        TrainConfig(patch_sizes=["two"])
+
+
+def test_patch_aware_steps_compile_once_per_size_and_lower_the_hybrids_kl():
+    cfg, tparams, plan, student = tiny_setup(seed=3, num_hidden_layers=8)
+    mesh = parallel.make_mesh("data=1", jax.devices()[:1])
+    d = Distiller(student.config, cfg, plan, mesh,
+                  TrainConfig(lr=3e-3, total_steps=24, warmup_steps=2, remat="none", compute_dtype="float32",
+                              patch_sizes=(0, 1, 2)),
+                  LossConfig(w_ce=0.0, w_kl=1.0, chunk=16))
+    teacher = d.put_teacher(tparams)
+    state = d.init_state(student.params)
+    held = {k: jnp.asarray(v) for k, v in make_batch(1000, 8, 32, cfg.vocab_size).items()}
+    hybrid = {k: jnp.asarray(v) for k, v in hybrid_arrays(plan, _patched(plan, [1])).items()}
+
+    def hybrid_kl(params):
+        return float(distill_forward(params, tparams, held, student_config=student.config, teacher_config=cfg,
+                                     plan=plan, loss_cfg=LossConfig(w_ce=0.0, w_kl=1.0, chunk=16),
+                                     compute_dtype=jnp.float32, hybrid=hybrid)[1]["kl"])
+
+    before = hybrid_kl(student.params)
+    with pytest.raises(ValueError, match="needs the step number"):
+        d.step(state, teacher, d.put_batch(make_batch(0, 8, 32, cfg.vocab_size)))
+    for i in range(24):
+        state, m = d.step(state, teacher, d.put_batch(make_batch(i, 8, 32, cfg.vocab_size)), step=i)
+        assert np.isfinite(float(m["loss"]))
+    assert d._step._cache_size() == 3  # the plain student and one hybrid size each: not one per patched set
+    assert hybrid_kl(parallel.to_host(state.params)) < 0.8 * before  # measured: 0.48 -> 0.34
 
 
 # ------------------------------------------------------------------------------------- 8 forced CPU devices

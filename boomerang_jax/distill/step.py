@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -40,7 +41,7 @@ from boomerang_jax.models.transformer import (
     head_kernel,
     param_shapes,
 )
-from boomerang_jax.surgery import LayerPlan
+from boomerang_jax.surgery import LayerPlan, hybrid_index, patched_for
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -64,8 +65,19 @@ class TrainConfig:
     teacher_dtype: str = "bfloat16"  # storage of the frozen teacher
     param_dtype: str = "float32"  # student master weights and optimiser moments
     remat: str = "full"  # student layer remat policy: one of models.transformer.REMAT_POLICIES
+    # Patch-aware distillation (docs/DECISIONS.md): step s trains the student with patch_sizes[s % len] random
+    # multi-layer blocks patched by their frozen teacher blocks (0 = the plain student). () = the paper's recipe.
+    patch_sizes: tuple[int, ...] = ()
+    patch_seed: int = 0
 
     def __post_init__(self) -> None:
+        try:
+            sizes = tuple(int(m) for m in self.patch_sizes)
+        except (TypeError, ValueError):
+            raise ValueError(f"patch_sizes must be a list of block counts, got {self.patch_sizes!r}") from None
+        if any(m < 0 for m in sizes):
+            raise ValueError(f"patch_sizes must be >= 0, got {list(sizes)}")
+        object.__setattr__(self, "patch_sizes", sizes)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.micro_batches < 1:
@@ -113,6 +125,50 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+# ------------------------------------------------------------------------------------ patched hybrids
+Hybrid = dict[str, jax.Array]  # surgery.HybridIndex as arrays: layers, hidden, teacher_embedding, teacher_head
+
+
+def hybrid_arrays(plan: LayerPlan, patched: Any) -> Hybrid:
+    """The gather indices of the student with `patched` blocks replaced by their teacher blocks."""
+    return dataclasses.asdict(hybrid_index(plan, patched))
+
+
+def hybrid_model(student_params: Params, teacher_params: Params, hybrid: Hybrid, *, student_config: ModelConfig,
+                 teacher_config: ModelConfig) -> tuple[Params, ModelConfig, jax.Array]:
+    """(params, config, LM head) of the interpolated model `hybrid` describes, built by gathers so that the
+    patched set is data, not structure. The teacher's parts are frozen (no gradient); the result's layers are in
+    the student's dtype. Matches `surgery.interpolate` (tested)."""
+    frozen = jax.lax.stop_gradient(teacher_params)
+    layers = jax.tree.map(lambda s, t: jnp.concatenate([s, t.astype(s.dtype)], axis=0)[hybrid["layers"]],
+                          student_params["layers"], frozen["layers"])
+    pick = lambda flag, t, s: jnp.where(flag, t.astype(s.dtype), s)  # noqa: E731
+    embedding = pick(hybrid["teacher_embedding"], frozen["embed"]["embedding"], student_params["embed"]["embedding"])
+    final_norm = jax.tree.map(lambda t, s: pick(hybrid["teacher_head"], t, s), frozen["final_norm"],
+                              student_params["final_norm"])
+    head = pick(hybrid["teacher_head"], head_kernel(frozen, teacher_config), head_kernel(student_params, student_config))
+    params = {"embed": {"embedding": embedding}, "final_norm": final_norm, "layers": layers}
+    # logits are never asked of this forward (the loss uses `head`), so the config stays tied: no lm_head needed
+    config = student_config.replace(num_layers=int(hybrid["layers"].shape[0]), tie_word_embeddings=True)
+    return params, config, head
+
+
+def patch_schedule(plan: LayerPlan, sizes: tuple[int, ...], seed: int, step: int) -> frozenset[int] | None:
+    """The blocks patched at training step `step` (0-based) of patch-aware distillation: `sizes[step % len]`
+    multi-layer blocks drawn uniformly (fixed by seed and step, so a resumed run draws the same), closed the way
+    a family closes them (`surgery.patched_for`). None (the plain student) when that size is 0 or sizes is empty."""
+    if not sizes or sizes[step % len(sizes)] == 0:
+        return None
+    m = sizes[step % len(sizes)]
+    multi = list(plan.multi_layer_blocks)
+    if not 0 < m < len(multi):
+        raise ValueError(f"train.patch_sizes entry {m}: a hybrid patches 1..{len(multi) - 1} of the plan's "
+                         f"{len(multi)} multi-layer blocks (0 = the plain student)")
+    rng = np.random.default_rng([seed, step])
+    chosen = [multi[i] for i in rng.choice(len(multi), size=m, replace=False)]
+    return patched_for(plan, chosen + [b for b in multi if b not in chosen], m)
+
+
 # ----------------------------------------------------------------------------------------------- loss
 def distill_forward(
     student_params: Params,
@@ -126,15 +182,27 @@ def distill_forward(
     compute_dtype: Any = jnp.bfloat16,
     remat: str = "none",
     activation_sharding: NamedSharding | None = None,
+    hybrid: Hybrid | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss and metrics of one (micro-)batch: teacher forward without gradient, student forward, chunked loss."""
+    """Loss and metrics of one (micro-)batch: teacher forward without gradient, student forward, chunked loss.
+    With `hybrid` (`hybrid_arrays`), the model trained is the student with those blocks patched."""
     dtype = jnp.dtype(compute_dtype)
     common = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], return_logits=False, dtype=dtype)
     teacher = forward(teacher_params, teacher_config, batch["tokens"],
                       hidden_indices=plan.teacher_hidden_indices(), hidden_buffer=True, **common)
     teacher = jax.lax.stop_gradient(teacher)
-    student = forward(student_params, student_config, batch["tokens"],
-                      hidden_indices=plan.student_hidden_indices(), remat=remat, **common)
+    student_head = head_kernel(student_params, student_config)
+    if hybrid is None:
+        student = forward(student_params, student_config, batch["tokens"],
+                          hidden_indices=plan.student_hidden_indices(), remat=remat, **common)
+        student_hidden = student.hidden_states
+    else:  # the student with some blocks patched: gradients reach the student layers through frozen teacher blocks
+        params, config, student_head = hybrid_model(student_params, teacher_params, hybrid,
+                                                    student_config=student_config, teacher_config=teacher_config)
+        student = forward(params, config, batch["tokens"], hidden_indices=tuple(range(config.num_layers + 1)),
+                          remat=remat, **common)
+        every = jnp.stack(student.hidden_states)
+        student_hidden = [every[hybrid["hidden"][i]] for i in range(len(plan.aligned_pairs()))]
 
     def constrain(x: jax.Array) -> jax.Array:
         return x if activation_sharding is None else jax.lax.with_sharding_constraint(x, activation_sharding)
@@ -142,12 +210,12 @@ def distill_forward(
     return distill_loss(
         loss_cfg,
         student_final=constrain(student.final_hidden),
-        student_head=head_kernel(student_params, student_config),
+        student_head=student_head,
         teacher_final=constrain(teacher.final_hidden),
         teacher_head=jax.lax.stop_gradient(head_kernel(teacher_params, teacher_config)),
         targets=batch["targets"],
         loss_mask=batch["loss_mask"],
-        student_hidden=[constrain(h) for h in student.hidden_states],
+        student_hidden=[constrain(h) for h in student_hidden],
         teacher_hidden=[constrain(h) for h in teacher.hidden_states],
     )
 
@@ -198,7 +266,8 @@ class Distiller:
         self.batch_sharding = parallel.batch_sharding(mesh)
         self._step = jax.jit(
             self._train_step,
-            in_shardings=(self.state_shardings, self.teacher_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.teacher_shardings, self.batch_sharding,
+                          parallel.replicated(mesh)),
             out_shardings=(self.state_shardings, parallel.replicated(mesh)),
             donate_argnums=(0,),
         )
@@ -234,11 +303,19 @@ class Distiller:
         return parallel.global_batch(local, self.mesh, global_rows)
 
     # ---- the step
-    def step(self, state: TrainState, teacher_params: Params, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimiser step on a global batch; `state` is donated (do not reuse it)."""
+    def step(self, state: TrainState, teacher_params: Params, batch: Batch, *, step: int | None = None
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimiser step on a global batch; `state` is donated (do not reuse it). `step` (0-based, needed
+        with train.patch_sizes) picks the patched blocks of patch-aware distillation."""
         b = batch["tokens"].shape[0]
         parallel.check_batch_size(b, self.mesh, self.train_cfg.micro_batches)
-        return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS})
+        hybrid = None
+        if self.train_cfg.patch_sizes:
+            if step is None:
+                raise ValueError("train.patch_sizes is set: Distiller.step needs the step number")
+            patched = patch_schedule(self.plan, self.train_cfg.patch_sizes, self.train_cfg.patch_seed, step)
+            hybrid = None if patched is None else hybrid_arrays(self.plan, patched)
+        return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, hybrid)
 
     def evaluate(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:
         """Loss metrics of the current student on a batch, without updating anything."""
@@ -252,27 +329,29 @@ class Distiller:
         return {**params, "embed": {**params["embed"], "embedding": jax.lax.with_sharding_constraint(
             params["embed"]["embedding"], gathered)}}
 
-    def _loss(self, params: Params, teacher_params: Params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _loss(self, params: Params, teacher_params: Params, batch: Batch, hybrid: Hybrid | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.train_cfg
         params = self._gather_embedding(params, self.param_shardings)
         teacher_params = self._gather_embedding(teacher_params, self.teacher_shardings)
         return distill_forward(
             params, teacher_params, batch, student_config=self.student_config, teacher_config=self.teacher_config,
             plan=self.plan, loss_cfg=self.loss_cfg, compute_dtype=cfg.compute_dtype, remat=cfg.remat,
-            activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)),
+            activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)), hybrid=hybrid,
         )
 
     def _eval_step(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:
         return self._loss(params, teacher_params, batch)[1]
 
-    def _grads(self, params: Params, teacher_params: Params, batch: Batch) -> tuple[Params, dict[str, jax.Array]]:
+    def _grads(self, params: Params, teacher_params: Params, batch: Batch, hybrid: Hybrid | None = None
+               ) -> tuple[Params, dict[str, jax.Array]]:
         """Token-weighted gradient and metrics, accumulated over micro-batches (equal to the whole batch's)."""
         k = self.train_cfg.micro_batches
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
         def one(mb: Batch) -> tuple[Params, dict[str, jax.Array]]:
             def weighted(p: Params) -> tuple[jax.Array, dict[str, jax.Array]]:
-                loss, metrics = self._loss(p, teacher_params, mb)
+                loss, metrics = self._loss(p, teacher_params, mb, hybrid)
                 w = metrics["tokens"] / total_tokens  # each term is a mean over this micro-batch's tokens
                 return loss * w, {n: v if n == "tokens" else v * w for n, v in metrics.items()}
 
@@ -297,9 +376,9 @@ class Distiller:
         (grads, metrics), _ = jax.lax.scan(body, acc0, micro)
         return grads, metrics
 
-    def _train_step(self, state: TrainState, teacher_params: Params, batch: Batch
+    def _train_step(self, state: TrainState, teacher_params: Params, batch: Batch, hybrid: Hybrid | None
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, metrics = self._grads(state.params, teacher_params, batch)
+        grads, metrics = self._grads(state.params, teacher_params, batch, hybrid)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))

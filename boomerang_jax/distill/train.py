@@ -268,7 +268,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
         while step < end:
             t = time.perf_counter()
             batch = next(iterator)
-            state, metrics = distiller.step(state, teacher_params, distiller.put_batch(batch))
+            state, metrics = distiller.step(state, teacher_params, distiller.put_batch(batch), step=step)
             host = _host_metrics(metrics)
             step += 1
             dt = time.perf_counter() - t
