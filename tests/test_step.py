@@ -297,7 +297,7 @@ def test_patch_aware_steps_compile_once_per_size_and_lower_the_hybrids_kl():
         d.step(state, teacher, d.put_batch(make_batch(0, 8, 32, cfg.vocab_size)))
     for i in range(24):
         state, m = d.step(state, teacher, d.put_batch(make_batch(i, 8, 32, cfg.vocab_size)), step=i)
-        assert np.isfinite(float(m["loss"]))
+        assert np.isfinite(float(m["loss"])) and float(m["model_layers"]) == 5 + i % 3  # 5-layer student
     assert d._step._cache_size() == 3  # the plain student and one hybrid size each: not one per patched set
     assert hybrid_kl(parallel.to_host(state.params)) < 0.8 * before  # measured: 0.48 -> 0.34
 

@@ -309,13 +309,16 @@ class Distiller:
         with train.patch_sizes) picks the patched blocks of patch-aware distillation."""
         b = batch["tokens"].shape[0]
         parallel.check_batch_size(b, self.mesh, self.train_cfg.micro_batches)
-        hybrid = None
-        if self.train_cfg.patch_sizes:
-            if step is None:
-                raise ValueError("train.patch_sizes is set: Distiller.step needs the step number")
-            patched = patch_schedule(self.plan, self.train_cfg.patch_sizes, self.train_cfg.patch_seed, step)
-            hybrid = None if patched is None else hybrid_arrays(self.plan, patched)
-        return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, hybrid)
+        if not self.train_cfg.patch_sizes:
+            return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, None)
+        if step is None:
+            raise ValueError("train.patch_sizes is set: Distiller.step needs the step number")
+        patched = patch_schedule(self.plan, self.train_cfg.patch_sizes, self.train_cfg.patch_seed, step)
+        hybrid = None if patched is None else hybrid_arrays(self.plan, patched)
+        state, metrics = self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, hybrid)
+        # the loss terms of a hybrid step are the hybrid's: log its size next to them
+        layers = self.plan.num_layers(patched or ())
+        return state, dict(metrics, model_layers=jnp.asarray(layers, jnp.float32))
 
     def evaluate(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:
         """Loss metrics of the current student on a batch, without updating anything."""
