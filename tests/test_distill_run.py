@@ -97,27 +97,33 @@ def wait_for_steps(run_dir: Path, proc: subprocess.Popen, n: int, timeout: float
     raise AssertionError("timed out waiting for training steps")
 
 
-def test_kill_9_then_resume_gives_the_same_losses_as_an_uninterrupted_run(setup):
+@pytest.mark.parametrize("patch_sizes", [[], [0, 1]], ids=["plain", "patch-aware"])
+def test_kill_9_then_resume_gives_the_same_losses_as_an_uninterrupted_run(setup, patch_sizes):
+    # patch-aware: every other step trains a hybrid with one random block patched; a resumed run must draw the
+    # same blocks at the same steps
     root, teacher = setup
-    ref = distill(write_config(root, teacher, "ref"))
+    name = f"{len(patch_sizes)}"
+    ref = distill(write_config(root, teacher, "ref" + name, patch_sizes=patch_sizes))
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
-    expected = losses(root / "ref")
+    expected = losses(root / ("ref" + name))
     assert sorted(expected) == list(range(1, 9))
-    assert (root / "ref" / "student" / "boomerang_plan.json").exists()
-    evals = [json.loads(ln) for ln in (root / "ref" / "metrics.jsonl").read_text().splitlines() if "eval/kl" in ln]
-    assert [e["step"] for e in evals] == [4, 8]
+    assert (root / ("ref" + name) / "student" / "boomerang_plan.json").exists()
+    metrics = [json.loads(ln) for ln in (root / ("ref" + name) / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in metrics if "eval/kl" in e] == [4, 8]
+    if patch_sizes:  # the 6-layer teacher's student has 4 layers; one patched block adds one
+        assert [e["model_layers"] for e in metrics if "loss" in e] == [4, 5] * 4
 
-    cfg = write_config(root, teacher, "killed")
+    cfg = write_config(root, teacher, "killed" + name, patch_sizes=patch_sizes)
     proc = distill(cfg)
-    wait_for_steps(root / "killed", proc, 5)
+    wait_for_steps(root / ("killed" + name), proc, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     again = distill(cfg)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert "resumed from" in out
-    assert losses(root / "killed") == expected  # bit-identical loss sequence
+    assert losses(root / ("killed" + name)) == expected  # bit-identical loss sequence
 
 
 def test_sigterm_checkpoints_the_current_step(setup):
