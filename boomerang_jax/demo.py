@@ -48,6 +48,9 @@ class DemoSettings:
     teacher_text_share: float = 0.75
     teacher_text_tokens: int | None = None  # None: what training consumes (steps x batch x seq x share)
     teacher_text_length: int = 128
+    # Patch-aware distillation: step s trains the student with patch_sizes[s % len] random blocks patched by the
+    # frozen teacher (0 = the plain student); () = the paper's plain distillation (docs/DECISIONS.md, measured).
+    patch_sizes: tuple[int, ...] = ()
     eval_seq: int = 256
     eval_tokens: int = 8192  # ~10% intervals on perplexity; 45 evaluations of this take 15-30 min on 2 cores
     calib_tokens: int = 4096
@@ -158,6 +161,7 @@ def distill_config(s: DemoSettings, out: Path) -> dict[str, Any]:
         f"train.total_steps={s.steps}", f"train.lr={s.lr}", "train.compute_dtype=float32",
         "train.teacher_dtype=float32", "train.remat=none",
         f"loss.chunk={min(s.seq, 128)}",
+        *([f"train.patch_sizes=[{','.join(map(str, s.patch_sizes))}]"] if s.patch_sizes else []),
         # The paper's loss terms, weighted towards the teacher's distribution: without the CE term on the
         # training tokens every size of the family generalises better (docs/DECISIONS.md, measured).
         "loss.w_ce=0", "loss.w_kl=1",
@@ -322,6 +326,15 @@ def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
     return out
 
 
+def _patch_sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block counts like 0,2,4,6 or none, got {text!r}") from None
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("--out", default=d.out, help="run directory (stages resume from what is there)")
@@ -331,6 +344,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--teacher-text-share", type=float,
                    help=f"share of training tokens written by the teacher (default {d.teacher_text_share}; 0: none)")
+    p.add_argument("--patch-sizes", type=_patch_sizes, metavar="M,M,..",
+                   help="patch-aware distillation: blocks patched at successive steps, cycled "
+                        f"(default {','.join(map(str, d.patch_sizes)) or 'none'}; none: the paper's plain student)")
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
     p.add_argument("--order", choices=("kl-greedy", "by-loss", "last-to-first", "first-to-last"),
@@ -346,6 +362,7 @@ def demo_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
                                        eval_tokens=args.eval_tokens, plan=args.plan,
                                        teacher_text_share=args.teacher_text_share, sizes=args.sizes, order=args.order,
+                                       patch_sizes=args.patch_sizes,
                                        distill_overrides=tuple(args.distill_overrides or ()) or None).items()
                  if v is not None}
     s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)

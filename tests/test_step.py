@@ -268,6 +268,10 @@ def test_patch_schedule_draws_the_sizes_in_turn_reproducibly():
     assert patch_schedule(plan, (), 0, 3) is None
     with pytest.raises(ValueError, match="patch_sizes entry 14"):
         patch_schedule(plan, (14,), 0, 0)
+    cfg, _, tiny_plan, student = tiny_setup(num_hidden_layers=8)  # 3 multi-layer blocks: a hybrid patches 1-2
+    with pytest.raises(ValueError, match="patch_sizes entry 3: a hybrid patches 1..2"):
+        Distiller(student.config, cfg, tiny_plan, parallel.make_mesh("data=1", jax.devices()[:1]),
+                  TrainConfig(patch_sizes=(0, 1, 3)))
     assert TrainConfig(patch_sizes=[0, 2]).patch_sizes == (0, 2)
     with pytest.raises(ValueError, match="patch_sizes must be >= 0"):
         TrainConfig(patch_sizes=[0, -1])

@@ -248,6 +248,8 @@ class Distiller:
             raise ValueError(f"plan ({plan.num_student_layers} <- {plan.num_teacher_layers} layers) does not fit "
                              f"student ({student_config.num_layers}) / teacher ({teacher_config.num_layers})")
         self.student_config, self.teacher_config, self.plan = student_config, teacher_config, plan
+        for step in range(len(train_cfg.patch_sizes)):  # a bad size is an error now, not at its first step
+            patch_schedule(plan, train_cfg.patch_sizes, train_cfg.patch_seed, step)
         self.mesh, self.train_cfg, self.loss_cfg = mesh, train_cfg, loss_cfg
         self.optimizer = make_optimizer(train_cfg)
         self.schedule = lr_schedule(train_cfg)
