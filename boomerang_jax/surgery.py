@@ -317,6 +317,13 @@ def patched_for(plan: LayerPlan, order: Order, k: int) -> frozenset[int]:
     return frozenset(patched)
 
 
+def patched_first(plan: LayerPlan, blocks: Sequence[int]) -> frozenset[int]:
+    """The patched set once the multi-layer `blocks` are patched, in any order: step len(blocks) of every
+    order that starts with them (single-layer blocks closed as `patched_for` closes them)."""
+    first = list(blocks)
+    return patched_for(plan, first + [b for b in plan.multi_layer_blocks if b not in first], len(first))
+
+
 def last_to_first(plan: LayerPlan, k: int) -> frozenset[int]:
     """Patch the last k multi-layer blocks (and the single-layer blocks after them); k=K is the teacher."""
     return patched_for(plan, "last-to-first", k)

@@ -198,8 +198,7 @@ def test_distillation_lowers_the_kl_to_the_teacher():
 # ------------------------------------------------------------------------------- patch-aware distillation
 def _patched(plan: surgery.LayerPlan, blocks: list[int]) -> frozenset[int]:
     """The family's patched set once `blocks` are patched (single-layer blocks closed as a family does)."""
-    rest = [b for b in plan.multi_layer_blocks if b not in blocks]
-    return surgery.patched_for(plan, list(blocks) + rest, len(blocks))
+    return surgery.patched_first(plan, blocks)
 
 
 def _hybrid_setup():

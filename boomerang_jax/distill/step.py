@@ -41,7 +41,7 @@ from boomerang_jax.models.transformer import (
     head_kernel,
     param_shapes,
 )
-from boomerang_jax.surgery import LayerPlan, hybrid_index, patched_for
+from boomerang_jax.surgery import LayerPlan, hybrid_index, patched_first
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -140,8 +140,16 @@ def hybrid_model(student_params: Params, teacher_params: Params, hybrid: Hybrid,
     patched set is data, not structure. The teacher's parts are frozen (no gradient); the result's layers are in
     the student's dtype. Matches `surgery.interpolate` (tested)."""
     frozen = jax.lax.stop_gradient(teacher_params)
-    layers = jax.tree.map(lambda s, t: jnp.concatenate([s, t.astype(s.dtype)], axis=0)[hybrid["layers"]],
-                          student_params["layers"], frozen["layers"])
+    idx = hybrid["layers"]
+    m = jax.tree.leaves(student_params["layers"])[0].shape[0]
+    from_teacher = idx >= m
+
+    def gather(s: jax.Array, t: jax.Array) -> jax.Array:  # each stack gathered at hybrid size, then selected
+        t_rows = t[jnp.clip(idx - m, 0, t.shape[0] - 1)].astype(s.dtype)
+        s_rows = s[jnp.clip(idx, 0, m - 1)]
+        return jnp.where(from_teacher.reshape((-1,) + (1,) * (s.ndim - 1)), t_rows, s_rows)
+
+    layers = jax.tree.map(gather, student_params["layers"], frozen["layers"])
     pick = lambda flag, t, s: jnp.where(flag, t.astype(s.dtype), s)  # noqa: E731
     embedding = pick(hybrid["teacher_embedding"], frozen["embed"]["embedding"], student_params["embed"]["embedding"])
     final_norm = jax.tree.map(lambda t, s: pick(hybrid["teacher_head"], t, s), frozen["final_norm"],
@@ -153,20 +161,27 @@ def hybrid_model(student_params: Params, teacher_params: Params, hybrid: Hybrid,
     return params, config, head
 
 
+def check_patch_sizes(plan: LayerPlan, sizes: tuple[int, ...]) -> None:
+    """Raise ValueError naming the first entry of `sizes` that `plan` cannot draw (0 = the plain student)."""
+    n = len(plan.multi_layer_blocks)
+    for m in sizes:
+        if m and not 0 < m < n:
+            raise ValueError(f"train.patch_sizes entry {m}: a hybrid patches 1..{n - 1} of the plan's "
+                             f"{n} multi-layer blocks (0 = the plain student)")
+
+
 def patch_schedule(plan: LayerPlan, sizes: tuple[int, ...], seed: int, step: int) -> frozenset[int] | None:
     """The blocks patched at training step `step` (0-based) of patch-aware distillation: `sizes[step % len]`
     multi-layer blocks drawn uniformly (fixed by seed and step, so a resumed run draws the same), closed the way
-    a family closes them (`surgery.patched_for`). None (the plain student) when that size is 0 or sizes is empty."""
-    if not sizes or sizes[step % len(sizes)] == 0:
+    a family closes them (`surgery.patched_first`). None (the plain student) when that size is 0 or sizes is
+    empty."""
+    m = sizes[step % len(sizes)] if sizes else 0
+    if m == 0:
         return None
-    m = sizes[step % len(sizes)]
-    multi = list(plan.multi_layer_blocks)
-    if not 0 < m < len(multi):
-        raise ValueError(f"train.patch_sizes entry {m}: a hybrid patches 1..{len(multi) - 1} of the plan's "
-                         f"{len(multi)} multi-layer blocks (0 = the plain student)")
+    check_patch_sizes(plan, (m,))
+    multi = plan.multi_layer_blocks
     rng = np.random.default_rng([seed, step])
-    chosen = [multi[i] for i in rng.choice(len(multi), size=m, replace=False)]
-    return patched_for(plan, chosen + [b for b in multi if b not in chosen], m)
+    return patched_first(plan, [multi[i] for i in rng.choice(len(multi), size=m, replace=False)])
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -191,18 +206,16 @@ def distill_forward(
     teacher = forward(teacher_params, teacher_config, batch["tokens"],
                       hidden_indices=plan.teacher_hidden_indices(), hidden_buffer=True, **common)
     teacher = jax.lax.stop_gradient(teacher)
-    student_head = head_kernel(student_params, student_config)
     if hybrid is None:
         student = forward(student_params, student_config, batch["tokens"],
                           hidden_indices=plan.student_hidden_indices(), remat=remat, **common)
-        student_hidden = student.hidden_states
+        student_hidden, student_head = student.hidden_states, head_kernel(student_params, student_config)
     else:  # the student with some blocks patched: gradients reach the student layers through frozen teacher blocks
         params, config, student_head = hybrid_model(student_params, teacher_params, hybrid,
                                                     student_config=student_config, teacher_config=teacher_config)
         student = forward(params, config, batch["tokens"], hidden_indices=tuple(range(config.num_layers + 1)),
                           remat=remat, **common)
-        every = jnp.stack(student.hidden_states)
-        student_hidden = [every[hybrid["hidden"][i]] for i in range(len(plan.aligned_pairs()))]
+        student_hidden = list(jnp.take(jnp.stack(student.hidden_states), hybrid["hidden"], axis=0))
 
     def constrain(x: jax.Array) -> jax.Array:
         return x if activation_sharding is None else jax.lax.with_sharding_constraint(x, activation_sharding)
@@ -248,8 +261,7 @@ class Distiller:
             raise ValueError(f"plan ({plan.num_student_layers} <- {plan.num_teacher_layers} layers) does not fit "
                              f"student ({student_config.num_layers}) / teacher ({teacher_config.num_layers})")
         self.student_config, self.teacher_config, self.plan = student_config, teacher_config, plan
-        for step in range(len(train_cfg.patch_sizes)):  # a bad size is an error now, not at its first step
-            patch_schedule(plan, train_cfg.patch_sizes, train_cfg.patch_seed, step)
+        check_patch_sizes(plan, train_cfg.patch_sizes)  # a bad size is an error now, not at its first step
         self.mesh, self.train_cfg, self.loss_cfg = mesh, train_cfg, loss_cfg
         self.optimizer = make_optimizer(train_cfg)
         self.schedule = lr_schedule(train_cfg)

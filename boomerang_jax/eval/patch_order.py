@@ -29,7 +29,7 @@ import numpy as np
 
 from boomerang_jax.distill.loss import chunked_ce_kl
 from boomerang_jax.models.transformer import forward, head_kernel
-from boomerang_jax.surgery import LayerPlan, Model, interpolate, patch_sequence, patched_for
+from boomerang_jax.surgery import LayerPlan, Model, interpolate, patch_sequence, patched_first
 
 BY_LOSS = "by-loss"
 KL_GREEDY = "kl-greedy"
@@ -112,8 +112,7 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
         rest = [b for b in multi if b not in chosen]
         best = None
         for c in rest:
-            seq = chosen + [c] + [b for b in rest if b != c]
-            patched = patched_for(plan, seq, len(chosen) + 1)
+            patched = patched_first(plan, chosen + [c])
             kl, nll = score(patched)
             if best is None or kl < best[0]:
                 best = (kl, nll, c, plan.num_layers(patched))
