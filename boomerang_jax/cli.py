@@ -132,6 +132,30 @@ def plan_memory_command(args: argparse.Namespace) -> int:
     return 0 if not any(isinstance(p, Exception) for *_, p in results) else 2
 
 
+def compile_command(args: argparse.Namespace) -> int:
+    """`boomerang compile`: compile a run's programs for a TPU topology on this host; XLA's memory per device.
+    Exit 0 when the run fits the chip's HBM, 1 when it does not, 2 when it cannot be compiled as configured."""
+    import json
+
+    from boomerang_jax.distill.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides, preset=args.preset)
+    topology = args.topology or args.preset
+    if not topology:
+        raise ValueError("--topology NAME is needed (e.g. v5p-128, v5e-16, 2xv5p-128), or a --preset named like one")
+    from boomerang_jax.aot import CompileError, compile_config
+
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        report = compile_config(cfg, topology, log=log)
+    except CompileError as e:
+        print(f"boomerang compile: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict() | {"config": args.config, "preset": args.preset}, indent=1) if args.json
+          else report.table())
+    return 0 if report.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="boomerang", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for time estimates")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=plan_memory_command)
+
+    p = sub.add_parser("compile", help="compile a run for a TPU topology on this CPU host: XLA's memory per device")
+    p.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as for distill")
+    p.add_argument("--preset", help="apply the config's presets[NAME]; also the topology when --topology is not given")
+    p.add_argument("--topology", help="TPU slice, e.g. v5p-128, v5e-16, v4-32, 2xv5p-128 (default: the preset's name)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=compile_command)
 
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
     from boomerang_jax.data.teacher_text import add_teacher_text_arguments, teacher_text_command

@@ -20,6 +20,7 @@ So tiny models (odd head counts, 3-wide norms) still run on any mesh, just with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -97,16 +99,45 @@ class MeshConfig:
         return tuple(sizes)  # type: ignore[return-value]
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices `devices` span (devices without a `slice_index`, e.g. CPUs and GPUs, count as one)."""
+    return len({getattr(d, "slice_index", None) or 0 for d in devices})
+
+
 def make_mesh(config: MeshConfig | str | Mapping[str, int] = MeshConfig(),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
 
-    Axis types are Auto: shardings are given explicitly at jit boundaries and propagated inside.
+    Within a slice the device order follows the physical interconnect (`jax.make_mesh`). Devices of several
+    TPU slices (multi-slice, joined by the data-center network) get a hybrid ICI x DCN mesh: `data` is split
+    over the slices first, so only the data-parallel gradient reduction crosses slices; `mesh.data` must then
+    be a multiple of the number of slices. Axis types are Auto: shardings are given explicitly at jit
+    boundaries and propagated inside.
     """
     config = MeshConfig.parse(config)
     devices = list(jax.devices() if devices is None else devices)
     shape = config.sizes(len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    slices = num_slices(devices)
+    if slices == 1:
+        grid = _device_grid(mesh_utils.create_device_mesh, shape, devices)
+    else:
+        data, fsdp, tensor = shape
+        if data % slices:
+            raise MeshError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor} over {slices} slices: mesh.data must be "
+                            f"a multiple of the number of slices (data is split over slices first), e.g. "
+                            f"mesh.data={slices} with fsdp=-1")
+        grid = _device_grid(functools.partial(mesh_utils.create_hybrid_device_mesh, dcn_mesh_shape=(slices, 1, 1)),
+                            (data // slices, fsdp, tensor), devices)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _device_grid(create: Any, shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`create(shape, devices)` in the interconnect's order; where the logical shape cannot be laid on whole
+    physical axes (e.g. fsdp=32 x tensor=2 on a 4x4x4 torus), physical axes are split rather than failing."""
+    try:
+        return create(tuple(shape), devices)
+    except (NotImplementedError, ValueError, AssertionError):
+        return create(tuple(shape), devices, allow_split_physical_axes=True)
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
@@ -269,25 +300,61 @@ def put(tree: Any, shardings: Any, dtype: Any = None) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def process_batch_rows(size: int, mesh: Mesh) -> slice:
-    """The rows of a global batch of `size` rows that this process must load (its devices' contiguous share)."""
-    sharding = batch_sharding(mesh)
-    index_map = sharding.addressable_devices_indices_map((size, 1))
+def process_row_blocks(size: int, mesh: Mesh, process_index: int | None = None) -> list[slice]:
+    """The row blocks of a global batch of `size` rows that process `process_index` (default: this one) holds,
+    in global order: one block per distinct device shard of its devices (devices that replicate a shard, e.g.
+    over `tensor`, count once).
+
+    Right for any device order: on a TPU slice the mesh follows the physical torus, so a host's rows are
+    usually not contiguous (e.g. v5p-128: the first mesh devices belong to processes 0, 4, 8, 12, 0, ...).
+    Works on meshes of devices this program cannot address too (ahead-of-time topologies).
+    """
+    process = jax.process_index() if process_index is None else process_index
+    index_map = batch_sharding(mesh).devices_indices_map((size, 1))
     rows = sorted({(idx[0].start or 0, size if idx[0].stop is None else idx[0].stop)
-                   for idx in index_map.values()})
-    start, stop = rows[0][0], rows[-1][1]
-    covered = sum(b - a for a, b in rows)
-    if covered != stop - start:
-        raise MeshError(f"this process's batch rows {rows} are not contiguous; order the mesh devices by process")
-    return slice(start, stop)
+                   for dev, idx in index_map.items() if dev.process_index == process})
+    if not rows:
+        raise MeshError(f"process {process} holds no device of this mesh")
+    return [slice(a, b) for a, b in rows]
+
+
+def process_batch_indices(size: int, mesh: Mesh) -> np.ndarray:
+    """Indices of the global rows this process loads, in the order its local batch must hold them (what
+    `global_batch` expects): the rows of `process_row_blocks`, concatenated."""
+    return np.concatenate([np.arange(s.start, s.stop) for s in process_row_blocks(size, mesh)])
+
+
+def process_batch_rows(size: int, mesh: Mesh) -> slice:
+    """This process's rows of a global batch as one slice, when they are contiguous (single host, or a mesh
+    ordered by process); otherwise MeshError (use `process_batch_indices`, which works for any order)."""
+    blocks = process_row_blocks(size, mesh)
+    if any(a.stop != b.start for a, b in zip(blocks, blocks[1:])):
+        raise MeshError(f"this process's batch rows {[(s.start, s.stop) for s in blocks]} are not contiguous; "
+                        "use process_batch_indices")
+    return slice(blocks[0].start, blocks[-1].stop)
+
+
+def _data_groups(mesh: Mesh) -> list[tuple[int, ...]]:
+    """The distinct row-shard sets of all processes (over data x fsdp one-row shards), sorted by first row.
+    Processes with equal sets read the same data; different sets must not overlap."""
+    n = batch_shards(mesh)
+    sets = {tuple(r for s in process_row_blocks(n, mesh, p) for r in range(s.start, s.stop))
+            for p in sorted({d.process_index for d in mesh.devices.flat})}
+    groups = sorted(sets)
+    seen: set[int] = set()
+    for g in groups:
+        if seen & set(g):
+            raise MeshError(f"processes hold partly overlapping batch shards {groups}: a batch replicated across "
+                            "hosts must be replicated whole (put the axis that spans hosts on data or fsdp)")
+        seen |= set(g)
+    return groups
 
 
 def global_batch_size(local_rows: int, mesh: Mesh) -> int:
     """The global batch size when this process holds `local_rows` rows (processes may share rows when the
     batch is replicated across them, e.g. a tensor axis that spans hosts)."""
     n = batch_shards(mesh)
-    mine = process_batch_rows(n, mesh)
-    held = mine.stop - mine.start  # of n one-row shards, this process holds `held`
+    held = sum(s.stop - s.start for s in process_row_blocks(n, mesh))  # of n one-row shards, this process holds
     if local_rows % held:
         raise MeshError(f"{local_rows} local rows do not split over this process's {held} batch shards")
     return local_rows // held * n
@@ -299,21 +366,36 @@ def process_data_shard(mesh: Mesh) -> tuple[int, int]:
     Use this rather than (process_index, process_count): processes whose devices hold the same batch rows
     (a batch replicated across hosts) must read the same data shard.
     """
+    groups = _data_groups(mesh)
     n = batch_shards(mesh)
-    mine = process_batch_rows(n, mesh)
-    held = mine.stop - mine.start
-    return mine.start // held, n // held
+    mine = tuple(r for s in process_row_blocks(n, mesh) for r in range(s.start, s.stop))
+    return groups.index(mine), len(groups)
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, size: int | None = None) -> dict[str, jax.Array]:
-    """Each process's local rows (see `process_batch_rows`) -> one global batch of `size` rows (default: from
-    `global_batch_size`) sharded over ("data", "fsdp"). On one process the local batch is the global batch."""
+    """Each process's local rows -> one global batch of `size` rows (default: from `global_batch_size`) sharded
+    over ("data", "fsdp"). Local row i goes to global row `process_batch_indices(size, mesh)[i]`, so any device
+    order works; on one process the local batch is the global batch."""
     sharding = batch_sharding(mesh)
     out = {}
     for k, v in local_batch.items():
         v = np.asarray(v)
         gb = size or global_batch_size(v.shape[0], mesh)
-        out[k] = jax.make_array_from_process_local_data(sharding, v, (gb,) + v.shape[1:])
+        blocks = process_row_blocks(gb, mesh)
+        if v.shape[0] != sum(s.stop - s.start for s in blocks):
+            raise MeshError(f"batch {k!r}: this process holds {sum(s.stop - s.start for s in blocks)} rows of the "
+                            f"global batch of {gb}, but its local batch has {v.shape[0]}")
+        offset, start = 0, {}
+        for s in blocks:  # where each of this process's global blocks starts in the local batch
+            start[s.start] = offset
+            offset += s.stop - s.start
+        shape = (gb,) + v.shape[1:]
+        arrays = []
+        for dev, idx in sharding.addressable_devices_indices_map(shape).items():
+            a = idx[0].start or 0
+            b = gb if idx[0].stop is None else idx[0].stop
+            arrays.append(jax.device_put(v[start[a]:start[a] + b - a], dev))
+        out[k] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     return out
 
 

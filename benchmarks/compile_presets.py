@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Compile every paper config at each of its TPU presets ahead of time and tabulate XLA's memory per device.
+
+    .venv/bin/python benchmarks/compile_presets.py                 # all configs/paper-*.yaml x their TPU presets
+    .venv/bin/python benchmarks/compile_presets.py --configs configs/paper-qwen3-8b-base.yaml --presets v5p-128
+    .venv/bin/python benchmarks/compile_presets.py --write-docs    # (re)write the table in docs/REPRODUCE.md
+
+Each (config, preset) runs `boomerang compile --json` in its own process (a CPU-only host with libtpu: no TPU
+needed) and appends one JSON line to the results file; a rerun skips rows already measured with the same preset
+settings, so an interrupted sweep resumes. The table lists, per row: XLA's per-device bytes of the largest
+program (train step, eval step or teacher forward), the chip's HBM, whether it fits with the 10% margin the
+presets keep, plan-memory's estimate and its ratio to XLA's, and the compile times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from boomerang_jax.topology import GIB, parse_topology  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "compile_presets.jsonl"
+DOC = REPO / "docs" / "REPRODUCE.md"
+START, END = "<!-- compile-table:start -->", "<!-- compile-table:end -->"
+MIN_MARGIN = 0.10
+
+
+def tpu_presets(config: Path) -> dict[str, dict]:
+    """The config's presets that name a TPU topology (GPU presets are checked on a GPU, not here)."""
+    presets = (yaml.safe_load(config.read_text()) or {}).get("presets") or {}
+    out = {}
+    for name, value in presets.items():
+        try:
+            if parse_topology(name).kind == "tpu":
+                out[name] = value or {}
+        except ValueError:
+            continue
+    return out
+
+
+def key(config: Path, preset: str, settings: dict) -> str:
+    blob = json.dumps([config.name, preset, settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["key"]] = row
+    return rows
+
+
+def compile_one(config: Path, preset: str, timeout_s: int) -> dict:
+    cmd = [sys.executable, "-m", "boomerang_jax.cli", "compile", "--config", str(config), "--preset", preset, "--json"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s", "wall_s": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        tail = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()][-3:] or proc.stderr.splitlines()[-3:]
+        return {"error": " | ".join(tail)[:1000], "wall_s": wall}
+    return {**json.loads(proc.stdout), "wall_s": wall}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table for docs/REPRODUCE.md, one line per (config, preset)."""
+    head = ("| config | preset | mesh (data, fsdp, tensor) | micro-batches | largest program | XLA GiB/device | "
+            "HBM GiB | fits (>= 10% free) | plan-memory GiB | plan / XLA | compile s (train, eval, teacher) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        name = r["config"].replace("configs/", "").replace(".yaml", "")
+        micro = r["settings"].get("train", {}).get("micro_batches", "config")
+        if "error" in r:
+            lines.append(f"| {name} | {r['preset']} | | {micro} | error: {r['error'][:120]} | | | no | | | |")
+            continue
+        m = r["mesh"]
+        progs = {p["name"].split(" (")[0]: p for p in r["programs"]}
+        peak = r["peak"] / GIB
+        fits = "yes" if r["fits"] and r["margin"] >= MIN_MARGIN else ("tight" if r["fits"] else "NO")
+        plan = r.get("plan_memory")
+        train = progs.get("train step", {}).get("total")
+        ratio = f"{plan / train:.2f}" if plan and train else ""
+        times = ", ".join(f"{progs[n]['compile_s']:.0f}" for n in ("train step", "eval step", "teacher forward")
+                          if n in progs)
+        lines.append(f"| {name} | {r['preset']} | {m['data']}, {m['fsdp']}, {m['tensor']} | {micro} | "
+                     f"{r['peak_program'].split(' (')[0]} | {peak:.1f} | {r['hbm'] / GIB:.0f} | "
+                     f"{fits} ({100 * r['margin']:.0f}% free) | {plan / GIB if plan else float('nan'):.1f} | "
+                     f"{ratio} | {times} |")
+    return "\n".join(lines)
+
+
+def write_docs(rows: list[dict]) -> None:
+    text = DOC.read_text()
+    table = f"{START}\n{markdown(rows)}\n{END}"
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + table + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + table + "\n"
+    DOC.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="*", type=Path, default=sorted((REPO / "configs").glob("paper-*.yaml")))
+    ap.add_argument("--presets", nargs="*", help="only these presets (default: every TPU preset of each config)")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per (config, preset)")
+    ap.add_argument("--redo", action="store_true", help="compile again rows already in the results file")
+    ap.add_argument("--write-docs", action="store_true", help="only rewrite the table in docs/REPRODUCE.md")
+    args = ap.parse_args()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    done = load_rows(args.results)
+    todo = []
+    for config in args.configs:
+        config = config.resolve()
+        for preset, settings in tpu_presets(config).items():
+            if args.presets and preset not in args.presets:
+                continue
+            todo.append((config, preset, settings, key(config, preset, settings)))
+    if not args.write_docs:
+        for i, (config, preset, settings, k) in enumerate(todo, 1):
+            if k in done and not args.redo:
+                continue
+            print(f"[{i}/{len(todo)}] {config.name} {preset} ...", flush=True)
+            row = {"key": k, "config": str(config.relative_to(REPO)), "preset": preset, "settings": settings,
+                   **compile_one(config, preset, args.timeout)}
+            done[k] = row
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            status = row.get("error") or (f"{row['peak'] / GIB:.1f} GiB of {row['hbm'] / GIB:.0f} "
+                                          f"({100 * row['margin']:.0f}% free), {row['wall_s']:.0f} s")
+            print(f"    {status}", flush=True)
+    rows = [done[k] for *_, k in todo if k in done]
+    if args.write_docs or os.environ.get("WRITE_DOCS"):
+        write_docs(rows)
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
