@@ -306,15 +306,24 @@ class Distiller:
         step = parallel.put(jnp.zeros((), jnp.int32), self.state_shardings.step)
         return TrainState(params=params, opt_state=self._init_opt(params), step=step)
 
-    def put_batch(self, batch: dict[str, Any]) -> Batch:
-        """This process's rows of the global batch (all of it on one process) -> a global sharded batch."""
+    def put_batch(self, batch: dict[str, Any], *, micro_batches: int | None = None) -> Batch:
+        """This process's rows of the global batch (all of it on one process) -> a global sharded batch.
+
+        The batch must split into `micro_batches` (default: train.micro_batches, for `step`) micro-batches that
+        each divide over data x fsdp; pass `micro_batches=1` for a held-out batch (`evaluate` never splits).
+        """
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"batch lacks {missing}; a batch needs {list(BATCH_KEYS)}")
         local = {k: batch[k] for k in BATCH_KEYS}
         global_rows = parallel.global_batch_size(next(iter(local.values())).shape[0], self.mesh)
-        parallel.check_batch_size(global_rows, self.mesh, self.train_cfg.micro_batches)
+        k = self.train_cfg.micro_batches if micro_batches is None else micro_batches
+        parallel.check_batch_size(global_rows, self.mesh, k)
         return parallel.global_batch(local, self.mesh, global_rows)
+
+    def put_eval_batch(self, batch: dict[str, Any]) -> Batch:
+        """`put_batch` for a held-out batch: one piece over the mesh, whatever train.micro_batches is."""
+        return self.put_batch(batch, micro_batches=1)
 
     # ---- the step
     def step(self, state: TrainState, teacher_params: Params, batch: Batch, *, step: int | None = None
@@ -335,7 +344,9 @@ class Distiller:
         return state, dict(metrics, model_layers=jnp.asarray(layers, jnp.float32))
 
     def evaluate(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:
-        """Loss metrics of the current student on a batch, without updating anything."""
+        """Loss metrics of the current student on a batch (from `put_eval_batch`), without updating anything.
+        The whole batch runs at once: train.micro_batches does not apply."""
+        parallel.check_batch_size(batch["tokens"].shape[0], self.mesh)
         return self._eval(params, teacher_params, {k: batch[k] for k in BATCH_KEYS})
 
     def _gather_embedding(self, params: Params, shardings: Params) -> Params:
@@ -400,6 +411,41 @@ class Distiller:
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+    # ---- ahead-of-time compilation (boomerang compile): shapes with shardings, nothing allocated
+    def abstract_state(self) -> TrainState:
+        """The train state as ShapeDtypeStructs carrying their shardings (for `jax.jit(...).lower`)."""
+        params = self._shapes["student"]
+        shapes = TrainState(params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
+                            step=jax.ShapeDtypeStruct((), jnp.int32))
+        return _with_shardings(shapes, self.state_shardings)
+
+    def abstract_teacher(self) -> Params:
+        """The frozen teacher as ShapeDtypeStructs in `teacher_dtype` with its shardings."""
+        return _with_shardings(self._shapes["teacher"], self.teacher_shardings)
+
+    def abstract_batch(self, rows: int, seq_len: int) -> Batch:
+        """A global batch of `rows` x `seq_len` (the data contract's int32 arrays) sharded over the batch axes."""
+        return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=self.batch_sharding)
+                for k in BATCH_KEYS}
+
+    def lower_step(self, rows: int, seq_len: int, hybrid: Hybrid | None = None) -> jax.stages.Lowered:
+        """The train step lowered for a global batch of `rows` x `seq_len` (with `hybrid`: a patch-aware step)."""
+        parallel.check_batch_size(rows, self.mesh, self.train_cfg.micro_batches)
+        return self._step.lower(self.abstract_state(), self.abstract_teacher(), self.abstract_batch(rows, seq_len),
+                                hybrid)
+
+    def lower_eval(self, rows: int, seq_len: int) -> jax.stages.Lowered:
+        """The held-out evaluation step lowered for a global batch of `rows` x `seq_len` (never micro-batched)."""
+        parallel.check_batch_size(rows, self.mesh)
+        return self._eval.lower(self.abstract_state().params, self.abstract_teacher(),
+                                self.abstract_batch(rows, seq_len))
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `shapes` that carry the matching leaf of `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def _opt_state_shardings(opt_shapes: Any, param_shapes: Params, param_shardings: Params, mesh: Mesh) -> Any:
