@@ -7,7 +7,9 @@
 
 Commands (each prints every command it runs; `--dry-run` only prints them): create, install, distill, logs,
 exec, delete, up -- as in launch/tpu.py, for one VM (`gcloud compute instances ...`). With --local, install
-makes ./.venv-gpu with jax[cuda12] + the project, and distill runs in the foreground here.
+makes ./.venv-gpu with jax[cuda12] + the project, and distill runs in the foreground here. Installs hold every
+package to launch/constraints.txt (the versions CI tests, the same JAX as on TPU: jax[cuda12]==its jax pin, in
+a fresh venv, whatever JAX the VM image ships); --unpinned (with --jax ...) for another JAX.
 Machine types with GPUs built in: a3-highgpu-8g (8x H100 80GB), a2-ultragpu-8g (8x A100 80GB),
 a2-highgpu-8g (8x A100 40GB), g2-standard-96 (8x L4); others need --accelerator type=...,count=N.
 """
@@ -31,6 +33,7 @@ from common import (
     install_script,
     main_guard,
     pack_repo,
+    pinned_install,
     repo_config,
 )
 
@@ -71,25 +74,37 @@ class GPU:
 
     def install(self) -> None:
         a = self.args
+        jax_spec, constraints = pinned_install(a.jax, "cuda12", a.constraints, a.unpinned)
         if a.local:
             venv = str(LOCAL_VENV)
+            pins = ["-c", str(REPO / constraints)] if constraints else []
             self.runner.run(["uv", "venv", "--allow-existing", "--python", a.python, venv])
-            self.runner.run(["uv", "pip", "install", "--python", f"{venv}/bin/python", a.jax, *a.pip, "-e",
-                             str(REPO)])
+            self.runner.run(["uv", "pip", "install", "--python", f"{venv}/bin/python", *pins, jax_spec, *a.pip,
+                             "-e", str(REPO)])
             return
         tarball = pack_repo(self.runner)
         self.runner.run(["gcloud", "compute", "scp", tarball, f"{self.name}:~/{TARBALL}", *self.where])
-        self.runner.run(self.ssh(install_script(a.python, a.jax, a.pip)))
+        self.runner.run(self.ssh(install_script(a.python, jax_spec, a.pip, constraints)))
+
+    def distill_args(self) -> list[str]:
+        """The arguments after `boomerang distill --config CFG`."""
+        return ([f"--preset={self.args.preset}"] if self.args.preset else []) + ["--distributed=off",
+                                                                                  *self.args.overrides]
+
+    def start_script(self) -> str:
+        """The script that starts distill on the VM; checks the config and --env first."""
+        a = self.args
+        run_dir = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("run.dir=")), "")
+        logs = f"{run_dir.rstrip('/')}/logs" if run_dir.startswith("gs://") else None
+        return distill_script(repo_config(a.config), self.distill_args(), env_pairs(a.env), log_to=logs)
 
     def distill(self) -> None:
         a = self.args
-        extra = ([f"--preset={a.preset}"] if a.preset else []) + ["--distributed=off", *a.overrides]
         if a.local:
-            self.runner.run([str(LOCAL_VENV / "bin" / "boomerang"), "distill", "--config", a.config, *extra])
+            self.runner.run([str(LOCAL_VENV / "bin" / "boomerang"), "distill", "--config", a.config,
+                             *self.distill_args()])
             return
-        run_dir = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("run.dir=")), "")
-        logs = f"{run_dir.rstrip('/')}/logs" if run_dir.startswith("gs://") else None
-        self.runner.run(self.ssh(distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs)))
+        self.runner.run(self.ssh(self.start_script()))
         if not a.no_follow:
             self.logs()
 
@@ -99,10 +114,8 @@ class GPU:
         self.runner.run(self.ssh(follow_script()))
 
     def exec(self) -> None:
-        if self.args.local:
-            self.runner.run(["bash", "-c", " ".join(self.args.command)])
-        else:
-            self.runner.run(self.ssh(" ".join(self.args.command)))
+        command = " ".join(self.args.remote_command)
+        self.runner.run(["bash", "-c", command] if self.args.local else self.ssh(command))
 
     def delete(self) -> None:
         if self.args.local:
@@ -110,7 +123,9 @@ class GPU:
         self.runner.run(["gcloud", "compute", "instances", "delete", self.name, *self.where, "--quiet"])
 
     def up(self) -> None:
+        pinned_install(self.args.jax, "cuda12", self.args.constraints, self.args.unpinned)
         if not self.args.local:
+            self.start_script()  # a bad config or --env fails here, before the VM is paid for
             self.create()
         try:
             self.install()
@@ -128,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="VM name (default: boomerang-gpu)")
     p.add_argument("--local", action="store_true", help="this machine instead of a VM (no gcloud)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run none")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="action", metavar="COMMAND", required=True)
 
     def create_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--machine-type", default="a3-highgpu-8g")
@@ -141,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def install_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--python", default=DEFAULT_PYTHON)
-        q.add_argument("--jax", default="jax[cuda12]>=0.10", help="pip requirement for JAX on GPU")
+        q.add_argument("--jax", help="pip requirement for JAX on GPU (default: jax[cuda12]== the constraints' jax)")
         q.add_argument("--pip", action="append", default=[], help="extra pip requirement (repeatable)")
+        q.add_argument("--constraints", help="pins for every package: a file in this checkout (default: "
+                                             "launch/constraints.txt, the versions CI tests)")
+        q.add_argument("--unpinned", action="store_true", help="no constraints file: the newest versions")
 
     def distill_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--config", required=True)
@@ -155,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     install_flags(sub.add_parser("install"))
     distill_flags(sub.add_parser("distill"))
     sub.add_parser("logs")
-    sub.add_parser("exec").add_argument("command", nargs="+")
+    sub.add_parser("exec").add_argument("remote_command", nargs="+", metavar="COMMAND",
+                                        help="shell command (its words joined by spaces; after `--` if it has "
+                                             "options)")
     sub.add_parser("delete")
     q = sub.add_parser("up")
     create_flags(q)
@@ -167,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    getattr(GPU(args, Runner(args.dry_run)), args.command)()
+    getattr(GPU(args, Runner(args.dry_run)), args.action)()
     return 0
 
 

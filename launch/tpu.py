@@ -7,14 +7,17 @@
 Commands (each prints every gcloud command it runs; `--dry-run` only prints them):
   create    create the TPU VM (`tpu-vm create`), or a queued resource with --queued (waits until ACTIVE);
             multi-slice topologies (2xv5p-128) always use a queued resource with --node-count
-  install   pack this checkout (tracked files incl. uncommitted edits), copy it to every worker, make a
-            Python 3.11 venv with uv there and install jax[tpu] + the project
+  install   pack this checkout (tracked files incl. uncommitted edits, and untracked files git does not
+            ignore), copy it to every worker, make a Python 3.11 venv with uv there and install jax[tpu] + the
+            project at the exact versions of launch/constraints.txt (what CI tests; --unpinned: latest)
   distill   start `boomerang distill --distributed on` on all workers at once (--worker=all), detached,
             then stream worker 0's log until training ends (Ctrl-C stops streaming, not training)
   logs      stream a worker's training log
-  exec      run a shell command on all workers (or on one: --worker 0)
+  exec      run a shell command on all workers (or on one: --worker 0), e.g. `exec --worker 0 -- nproc`
   delete    tear everything down (the TPU VM, or the queued resource with its nodes)
-  up        create + install + distill (+ delete at the end with --delete-after)
+  up        `boomerang compile` here first (does the train step fit this topology's memory? CPU only, nothing
+            is created when it does not; --skip-compile skips it), then create + install + distill
+            (+ delete at the end with --delete-after)
 
 Topologies: v4-8 ... v4-4096, v5e-1 ... v5e-256 (v5litepod-N), v5p-8 ... , v6e-N, and KxNAME for K slices.
 """
@@ -36,8 +39,10 @@ from common import (
     follow_script,
     install_script,
     load_topology,
+    local_boomerang,
     main_guard,
     pack_repo,
+    pinned_install,
     repo_config,
 )
 
@@ -99,14 +104,17 @@ class TPU:
         return self.gcloud_tpu("tpu-vm", "ssh", node, *self.where, f"--worker={worker}", f"--command={command}")
 
     def install(self) -> None:
+        a = self.args
+        jax_spec, constraints = pinned_install(a.jax, "tpu", a.constraints, a.unpinned)
         tarball = pack_repo(self.runner)
-        script = install_script(self.args.python, self.args.jax, self.args.pip)
+        script = install_script(a.python, jax_spec, a.pip, constraints)
         for node in self.nodes:
             self.runner.run(self.gcloud_tpu("tpu-vm", "scp", tarball, f"{node}:~/{TARBALL}", *self.where,
                                             "--worker=all"))
             self.runner.run(self.ssh(node, script))
 
-    def distill(self) -> None:
+    def start_script(self) -> str:
+        """The script that starts distill on every worker; checks the config, run dir and --env first."""
         a = self.args
         extra = ([f"--preset={a.preset}"] if a.preset else []) + ["--distributed=on", *a.overrides]
         logs = None
@@ -116,7 +124,11 @@ class TPU:
         elif not a.allow_local_run_dir:
             raise LaunchError("pass the run directory on a bucket, e.g. `-- run.dir=gs://BUCKET/runs/NAME` (every "
                               "worker must see the same checkpoints); --allow-local-run-dir if the config has one")
-        script = distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs)
+        return distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs)
+
+    def distill(self) -> None:
+        a = self.args
+        script = self.start_script()
         for node in self.nodes:  # all workers of all slices start together
             self.runner.run(self.ssh(node, script))
         if not a.no_follow:
@@ -128,7 +140,7 @@ class TPU:
     def exec(self) -> None:
         nodes = self.nodes if self.args.worker == "all" else self.nodes[:1]
         for node in nodes:
-            self.runner.run(self.ssh(node, " ".join(self.args.command), worker=self.args.worker))
+            self.runner.run(self.ssh(node, " ".join(self.args.remote_command), worker=self.args.worker))
 
     def delete(self) -> None:
         if self.queued:
@@ -136,7 +148,26 @@ class TPU:
         else:
             self.runner.run(self.gcloud_tpu("tpu-vm", "delete", self.name, *self.where, "--quiet"))
 
+    def compile_check(self) -> None:
+        """`boomerang compile` on this machine for the run's topology; LaunchError when it does not fit/compile."""
+        a = self.args
+        argv = [*local_boomerang(), "compile", "--config", a.config, *(["--preset", a.preset] if a.preset else []),
+                "--topology", a.topology, *a.overrides]
+        self.runner.note(f"compile the train step for {a.topology} here first (CPU only): XLA's per-device memory")
+        status = self.runner.call(argv)
+        if status != 0:
+            raise LaunchError(f"`boomerang compile` exited with status {status}: this run would not fit in (or not "
+                              f"compile for) {a.topology}, see its output above; nothing was created. Change the "
+                              "preset/overrides (e.g. train.micro_batches=) or the topology, or pass --skip-compile "
+                              "to create the TPU anyway")
+
     def up(self) -> None:
+        self.start_script()  # a bad config, run dir or --env fails here, before anything is paid for
+        pinned_install(self.args.jax, "tpu", self.args.constraints, self.args.unpinned)
+        if self.args.skip_compile:
+            self.runner.note("no compile check (--skip-compile)")
+        else:
+            self.compile_check()
         self.create()
         try:
             self.install()
@@ -154,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help="v4-32, v5e-16, v5p-128, 2xv5p-128, ...")
     p.add_argument("--name", help="TPU VM name / multi-slice node prefix (default: boomerang-TOPOLOGY)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run none")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="action", metavar="COMMAND", required=True)
 
     def create_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--spot", action="store_true", help="Spot capacity (can be preempted; distill resumes)")
@@ -166,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def install_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--python", default=DEFAULT_PYTHON, help="Python for the workers' venv (via uv)")
-        q.add_argument("--jax", default="jax[tpu]>=0.10", help="pip requirement for JAX on TPU")
+        q.add_argument("--jax", help="pip requirement for JAX on TPU (default: jax[tpu]== the constraints' jax)")
         q.add_argument("--pip", action="append", default=[], help="extra pip requirement (repeatable)")
+        q.add_argument("--constraints", help="pins for every package: a file in this checkout (default: "
+                                             "launch/constraints.txt, the versions CI tests)")
+        q.add_argument("--unpinned", action="store_true", help="no constraints file: the newest versions")
 
     def distill_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--config", required=True, help="run config: a path inside this repo, or gs://...")
@@ -185,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--worker", default="0")
     q = sub.add_parser("exec", help="run a shell command on all workers (or one: --worker 0)")
     q.add_argument("--worker", default="all", help="all (default), or one worker index (of the first slice)")
-    q.add_argument("command", nargs="+")
+    q.add_argument("remote_command", nargs="+", metavar="COMMAND",
+                   help="shell command (its words joined by spaces; put it after `--` if it has options)")
     sub.add_parser("delete", help="tear down (TPU VM or queued resource with its nodes)").add_argument(
         "--queued", action="store_true", help="it was created as a queued resource")
     q = sub.add_parser("up", help="create + install + distill [+ delete]")
@@ -193,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     install_flags(q)
     distill_flags(q)
     q.add_argument("--delete-after", action="store_true", help="tear down when training ends or fails")
+    q.add_argument("--skip-compile", action="store_true",
+                   help="do not run `boomerang compile` here before creating the TPU")
     return p
 
 
@@ -202,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, key):
             setattr(args, key, default)
     tpu = TPU(args, Runner(args.dry_run))
-    getattr(tpu, args.command)()
+    getattr(tpu, args.action)()
     return 0
 
 
