@@ -3,7 +3,8 @@
 Every host runs the same program. Resume is automatic and exact: a checkpoint holds the train state and
 the data-iterator state of the same step, so the loss sequence after a restart equals an uninterrupted
 run. SIGTERM (preemption) checkpoints the current step and exits; a non-finite loss stops the run with a
-clear error and keeps the last good checkpoint (the bad state is never saved).
+clear error and keeps the last good checkpoint (the bad state is never saved). Batch sizes that do not fit
+the mesh are errors at start-up, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from boomerang_jax import parallel, storage
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like
-from boomerang_jax.distill.config import loss_config, run_settings, train_config
+from boomerang_jax.distill.config import RunConfigError, loss_config, run_settings, train_config
 from boomerang_jax.distill.step import Distiller, TrainState
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
@@ -164,12 +165,61 @@ def _evaluate(distiller: Distiller, params: Any, teacher: Any, batches: Iterable
     sums: dict[str, float] = {}
     tokens = 0.0
     for batch in batches:
-        m = _host_metrics(distiller.evaluate(params, teacher, distiller.put_batch(batch)))
+        m = _host_metrics(distiller.evaluate(params, teacher, distiller.put_eval_batch(batch)))
         n = m.pop("tokens")
         tokens += n
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * n
     return {f"eval/{k}": v / max(tokens, 1.0) for k, v in sums.items()} | {"eval/tokens": tokens}
+
+
+def _nearest_multiples(value: int, unit: int) -> list[int]:
+    """The positive multiples of `unit` nearest to `value`: the one below (if any) and the one above."""
+    return [m for m in dict.fromkeys((value // unit * unit, -(-value // unit) * unit)) if m > 0]
+
+
+def _nearest_divisors(value: int, target: int) -> list[int]:
+    """The divisors of `value` nearest to `target`: the largest below and the smallest above it."""
+    divisors = [d for d in range(1, value + 1) if value % d == 0]
+    below, above = [d for d in divisors if d < target], [d for d in divisors if d > target]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def _either(key: str, values: list[int]) -> str:
+    return " or ".join(f"{key}={v}" for v in values)
+
+
+def check_batch_config(cfg: Mapping[str, Any], mesh: Any) -> None:
+    """Raise RunConfigError unless data.train.batch_size splits into train.micro_batches micro-batches that each
+    divide over the mesh's data x fsdp, and data.eval.batch_size divides over data x fsdp (held-out batches are
+    never micro-batched). The message names the keys and the nearest valid values. Cheap: run before loading."""
+    n = parallel.batch_shards(mesh)
+    where = f"data x fsdp = {n} devices (mesh {parallel.mesh_shape(mesh)})"
+    k = train_config(cfg).micro_batches
+    data = cfg.get("data") or {}
+    problems = []
+    b = int((data.get("train") or {}).get("batch_size", DataConfig.batch_size))
+    if b % (k * n):
+        if b % n == 0:  # the batch fits the mesh: the micro-batch count is the culprit
+            problems.append(
+                f"train.micro_batches={k} does not fit data.train.batch_size={b}: "
+                + (f"{b} rows do not split into {k} micro-batches" if b % k else
+                   f"a micro-batch of {b // k} rows does not split over {where}")
+                + f"; set {_either('train.micro_batches', _nearest_divisors(b // n, k))}"
+                + f" (or {_either('data.train.batch_size', _nearest_multiples(b, k * n))})")
+        else:
+            problems.append(
+                f"data.train.batch_size={b} does not split over {where}"
+                + (f" in train.micro_batches={k} micro-batches" if k > 1 else "")
+                + f"; use {_either('data.train.batch_size', _nearest_multiples(b, k * n))}"
+                + (f" (multiples of micro_batches x data x fsdp = {k} x {n})" if k > 1 else ""))
+    if data.get("eval"):
+        e = int(data["eval"].get("batch_size", DataConfig.batch_size))
+        if e % n:
+            problems.append(f"data.eval.batch_size={e} does not split over {where} (held-out batches are never "
+                            f"split into micro-batches); use {_either('data.eval.batch_size', _nearest_multiples(e, n))}")
+    if problems:
+        raise RunConfigError("batch sizes do not fit the mesh: " + "; ".join(problems))
 
 
 def _data_config(section: Mapping[str, Any], mesh: Any, *, eval_: bool = False) -> DataConfig:
@@ -178,7 +228,7 @@ def _data_config(section: Mapping[str, Any], mesh: Any, *, eval_: bool = False) 
     Hosts whose devices hold the same batch rows (a batch replicated across hosts) read the same shard.
     """
     d = dict(section)
-    global_batch = int(d.get("batch_size", 8))
+    global_batch = int(d.get("batch_size", DataConfig.batch_size))
     index, count = parallel.process_data_shard(mesh)
     if global_batch % count:
         raise ValueError(f"data batch_size {global_batch} (global) is not divisible by the {count} data shards "
@@ -204,6 +254,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
     settings, tcfg, lcfg = run_settings(cfg), train_config(cfg), loss_config(cfg)
     run_dir = str(settings.dir)  # local path or gs:// URL
     mesh = parallel.make_mesh(cfg["mesh"])
+    check_batch_config(cfg, mesh)  # before the teacher or any data is read
     t0 = time.perf_counter()
     teacher = load_model(cfg["teacher"], to_device=False)
     plan = plan_from_config(cfg["plan"], teacher.config.num_layers)
