@@ -1,5 +1,5 @@
 """What a distillation run checks when it starts: batch sizes against the mesh (before anything is loaded),
-and held-out batches never split by the training micro-batches."""
+held-out batches never split by the training micro-batches, and package versions when it resumes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,60 @@ print("RESULT " + json.dumps(out))
     out = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert out["eval_rows"] == [1] * 8 and out["one_piece_rows"] == 8
     assert "micro-batch size 4" in out["train_error"] and "data x fsdp = 8" in out["train_error"]
+
+
+# ------------------------------------------------------------------------------------- versions on resume
+def _meta_file(run_dir: Path, step: int) -> Path:
+    """The JSON file orbax wrote for a checkpoint's `meta` item (found by content, not by our code)."""
+    for f in sorted((run_dir / "checkpoints" / str(step) / "meta").rglob("*")):
+        if f.is_file():
+            try:
+                if "plan" in json.loads(f.read_text()):
+                    return f
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+    raise AssertionError(f"no meta JSON under {run_dir}/checkpoints/{step}/meta")
+
+
+def test_checkpoints_record_versions_and_resuming_under_others_warns(setup):
+    import flax
+    import grain
+    import jax
+    import jaxlib
+    import optax
+    import orbax.checkpoint
+
+    import boomerang_jax
+    from boomerang_jax.distill.checkpoint import VersionMismatchWarning, check_versions
+    from boomerang_jax.distill.config import load_run_config
+    from boomerang_jax.distill.train import run_distillation
+
+    root, teacher = setup
+    cfg = load_run_config(write_config(root, teacher, "versions", total_steps=6),
+                          ["run.eval_every=0", "run.export_student=false"])
+    assert run_distillation(cfg, max_steps=2)["step"] == 2
+    meta_file = _meta_file(root / "versions", 2)
+    meta = json.loads(meta_file.read_text())
+    expected = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                "optax": optax.__version__, "orbax-checkpoint": orbax.checkpoint.__version__,
+                "grain": grain.__version__}
+    assert {k: meta["versions"][k] for k in expected} == expected
+    pyproject = (Path(boomerang_jax.__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'version = "{meta["versions"]["boomerang-jax"]}"' in pyproject
+
+    meta["versions"].update({"jax": "0.0.1", "grain": "9.9.9"})
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(VersionMismatchWarning) as caught:
+        summary = run_distillation(cfg, max_steps=1)  # a warning, not an error: the run goes on
+    assert summary["status"] == "finished" and summary["step"] == 3
+    ours = [w for w in caught if issubclass(w.category, VersionMismatchWarning)]
+    assert len(ours) == 1
+    msg = str(ours[0].message)
+    assert f"jax: 0.0.1 -> {jax.__version__}" in msg and f"grain: 9.9.9 -> {grain.__version__}" in msg
+    assert "flax" not in msg and "checkpoints" in msg and "step 2" in msg
+
+    resumed = json.loads(_meta_file(root / "versions", 3).read_text())  # written by the resumed run
+    assert resumed["versions"] == {**meta["versions"], "jax": jax.__version__, "grain": grain.__version__}
+    with warnings.catch_warnings():  # so resuming from step 3 would not warn
+        warnings.simplefilter("error", VersionMismatchWarning)
+        assert check_versions(resumed["versions"], "step 3") == []

@@ -6,11 +6,19 @@ configs, metrics; JSON). Orbax writes each step to a temporary directory and ren
 gs://, where there is no rename, it writes `commit_success.txt` last), so `latest_step` only ever sees
 finished checkpoints: a run killed mid-save resumes from the previous one. Directories may be local or
 gs:// (tensorstore writes the arrays to the bucket directly).
+
+Every checkpoint's meta records the package versions it was written under (`software_versions`); a run that
+resumes under other versions gets a `VersionMismatchWarning` naming each package and both versions
+(`check_versions`): a different jax/orbax/grain can change numerics or the data order, so an exact resume is
+then no longer guaranteed, but the run goes on.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,40 @@ import orbax.checkpoint as ocp
 from boomerang_jax import storage
 
 ITEMS = ("state", "data", "meta")
+# Distributions whose versions a checkpoint records (the packages that decide its numerics, layout and data order).
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "boomerang-jax")
+
+
+class VersionMismatchWarning(UserWarning):
+    """A checkpoint is resumed under package versions other than those it was written under."""
+
+
+def software_versions() -> dict[str, str | None]:
+    """{distribution: installed version (None if not installed)} for every VERSIONED_PACKAGES entry."""
+    out: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_versions(recorded: Mapping[str, Any] | None, where: str) -> list[str]:
+    """Warn (VersionMismatchWarning) about every package whose installed version differs from the one `recorded`
+    in the checkpoint at `where`; returns the differences, one 'name: recorded -> installed' per package.
+    A checkpoint that recorded no versions (written before they were recorded) is not checked."""
+    if not recorded:
+        return []
+    now = software_versions()
+    diffs = [f"{name}: {recorded.get(name)} -> {now.get(name)}" for name in sorted(set(recorded) | set(now))
+             if recorded.get(name) != now.get(name)]
+    if diffs:
+        warnings.warn(f"{where} was written under other package versions (checkpoint -> installed): "
+                      f"{'; '.join(diffs)}. Resuming anyway; the run may not repeat exactly what the old versions "
+                      "would have done. Install the recorded versions for an exact resume.",
+                      VersionMismatchWarning, stacklevel=2)
+    return diffs
 
 
 class Checkpointer:
@@ -47,7 +89,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
              force: bool = True) -> bool:
-        """Start saving (async); returns whether a save was started."""
+        """Start saving (async); returns whether a save was started. `meta` gets the package versions
+        (`software_versions`) under "versions"."""
+        meta = {**meta, "versions": software_versions()}
         return self.manager.save(
             step,
             args=ocp.args.Composite(

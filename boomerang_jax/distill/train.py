@@ -22,7 +22,7 @@ import numpy as np
 
 from boomerang_jax import parallel, storage
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
-from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like
+from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like, check_versions
 from boomerang_jax.distill.config import RunConfigError, loss_config, run_settings, train_config
 from boomerang_jax.distill.step import Distiller, TrainState
 from boomerang_jax.models.config import ModelConfig
@@ -287,6 +287,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
         if saved_meta.get("plan") != plan.to_dict():
             raise ValueError(f"{run_dir}: its checkpoints were made with a different layer plan; "
                              "use a new run.dir or the same plan")
+        check_versions(saved_meta.get("versions"), f"checkpoint {ckpt.directory} step {latest}")
         iterator = make_iterator(data_cfg, data_state)
         log(f"resumed from {ckpt.directory} step {latest}")
     else:
