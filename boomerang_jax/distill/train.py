@@ -2,9 +2,10 @@
 
 Every host runs the same program. Resume is automatic and exact: a checkpoint holds the train state and
 the data-iterator state of the same step, so the loss sequence after a restart equals an uninterrupted
-run. SIGTERM (preemption) checkpoints the current step and exits; a non-finite loss stops the run with a
-clear error and keeps the last good checkpoint (the bad state is never saved). Batch sizes that do not fit
-the mesh are errors at start-up, before anything is loaded.
+run. SIGTERM (preemption) checkpoints the current step and exits, at the same step on every host even when
+only one host got the signal; a non-finite loss stops the run with a clear error and keeps the last good
+checkpoint (the bad state is never saved). Batch sizes that do not fit the mesh are errors at start-up,
+before anything is loaded.
 """
 
 from __future__ import annotations
@@ -70,14 +71,38 @@ def peak_flops(override_tflops: float | None) -> float | None:
     return None
 
 
+def _jax_preemption_sync() -> bool:
+    """Whether JAX's preemption sync manager is running (jax.distributed started with jax_enable_preemption_service,
+    the default). It is only reachable through jax's private distributed state; if that ever moves, we fall back to
+    our own agreement (`_Preemption`), never to a per-host decision."""
+    from jax._src import distributed
+
+    state = getattr(distributed, "global_state", None)
+    return getattr(state, "client", None) is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (the step in flight finishes first)."""
+    """SIGTERM -> stop after a step (the step in flight finishes first), the same step on every process.
+
+    One process ("local"): a Python SIGTERM handler sets a flag checked between steps. Several processes, where
+    one host may be signalled alone and a per-host decision would leave it saving while the others wait in the
+    next step's collectives: JAX's preemption sync manager ("jax"), whose C++ handler catches SIGTERM on any host
+    and agrees with all hosts on a step (`multihost_utils.reached_preemption_sync_point`). No Python handler is
+    installed then: it would replace the C++ one, and the manager would never hear of the signal. Without that
+    manager ("allgather"), the Python flag is all-gathered after every step and all stop when any host has it.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._old: Any = None
+        if jax.process_count() == 1:
+            self.mode = "local"
+        else:
+            self.mode = "jax" if _jax_preemption_sync() else "allgather"
 
     def __enter__(self) -> "_Preemption":
+        if self.mode == "jax":
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, nothing to restore
@@ -86,6 +111,18 @@ class _Preemption:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint `step` (just finished) and stop. Every process must call this after every step
+        with the same `step`; on several processes it is collective, and returns the same answer on all."""
+        if self.mode == "local":
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        if self.mode == "jax":
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
+        return bool(np.any(flags))
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
@@ -347,7 +384,7 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
                 if hasattr(it, "close"):
                     it.close()
                 metrics_log.write(step, _evaluate(distiller, state.params, teacher_params, batches))
-            if preempt.requested:
+            if preempt.should_stop(step):  # collective on several processes: every one stops at this step
                 save(step)
                 ckpt.wait()
                 status = "preempted"
