@@ -15,6 +15,7 @@ presets keep, plan-memory's estimate and its ratio to XLA's, and the compile tim
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -122,6 +123,7 @@ def main() -> int:
     ap.add_argument("--presets", nargs="*", help="only these presets (default: every TPU preset of each config)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (config, preset)")
+    ap.add_argument("--jobs", type=int, default=1, help="compiles run side by side (about one core each)")
     ap.add_argument("--redo", action="store_true", help="compile again rows already in the results file")
     ap.add_argument("--write-docs", action="store_true", help="only rewrite the table in docs/REPRODUCE.md")
     args = ap.parse_args()
@@ -135,18 +137,24 @@ def main() -> int:
                 continue
             todo.append((config, preset, settings, key(config, preset, settings)))
     if not args.write_docs:
-        for i, (config, preset, settings, k) in enumerate(todo, 1):
-            if k in done and not args.redo:
-                continue
+        pending = [(i, t) for i, t in enumerate(todo, 1) if t[3] not in done or args.redo]
+
+        def run(item: tuple[int, tuple]) -> dict:
+            i, (config, preset, settings, k) = item
             print(f"[{i}/{len(todo)}] {config.name} {preset} ...", flush=True)
             row = {"key": k, "config": str(config.relative_to(REPO)), "preset": preset, "settings": settings,
                    **compile_one(config, preset, args.timeout)}
-            done[k] = row
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row) + "\n")
             status = row.get("error") or (f"{row['peak'] / GIB:.1f} GiB of {row['hbm'] / GIB:.0f} "
                                           f"({100 * row['margin']:.0f}% free), {row['wall_s']:.0f} s")
-            print(f"    {status}", flush=True)
+            print(f"    [{i}] {config.name} {preset}: {status}", flush=True)
+            return row
+
+        # each compile is one process using about one core: --jobs N runs N side by side
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            for row in pool.map(run, pending):
+                done[row["key"]] = row
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     rows = [done[k] for *_, k in todo if k in done]
     if args.write_docs or os.environ.get("WRITE_DOCS"):
         write_docs(rows)

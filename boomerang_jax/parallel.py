@@ -20,7 +20,6 @@ So tiny models (odd head counts, 3-wide norms) still run on any mesh, just with 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -126,8 +125,10 @@ def make_mesh(config: MeshConfig | str | Mapping[str, int] = MeshConfig(),
             raise MeshError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor} over {slices} slices: mesh.data must be "
                             f"a multiple of the number of slices (data is split over slices first), e.g. "
                             f"mesh.data={slices} with fsdp=-1")
-        grid = _device_grid(functools.partial(mesh_utils.create_hybrid_device_mesh, dcn_mesh_shape=(slices, 1, 1)),
-                            (data // slices, fsdp, tensor), devices)
+        def hybrid(ici: Sequence[int], devs: Sequence[jax.Device], **kw: Any) -> np.ndarray:
+            return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devs, **kw)
+
+        grid = _device_grid(hybrid, (data // slices, fsdp, tensor), devices)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

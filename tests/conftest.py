@@ -9,6 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # gcsfs >= 2026.x otherwise probes gRPC/TLS endpoints that the plain-HTTP GCS emulator lacks (read at import).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# libtpu (the tpu extra, for ahead-of-time TPU compiles) takes a machine-wide lock when loaded; tests never use a
+# real TPU, and their subprocesses load it too.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
