@@ -142,6 +142,8 @@ def main() -> int:
         def run(item: tuple[int, tuple]) -> dict:
             i, (config, preset, settings, k) = item
             print(f"[{i}/{len(todo)}] {config.name} {preset} ...", flush=True)
+            settings = tpu_presets(config).get(preset, settings)  # as compiled, if the file changed meanwhile
+            k = key(config, preset, settings)
             row = {"key": k, "config": str(config.relative_to(REPO)), "preset": preset, "settings": settings,
                    **compile_one(config, preset, args.timeout)}
             status = row.get("error") or (f"{row['peak'] / GIB:.1f} GiB of {row['hbm'] / GIB:.0f} "

@@ -5,7 +5,11 @@ parameter is split across the two processes and every step all-gathers / reduce-
 process loads only its own rows of the global batch. The result must equal a single-device run on the same
 global batches.
 
-Run a worker by hand: python -m tests.test_multihost PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+The `permuted` variant builds a (data=1, fsdp=4) mesh over the devices interleaved by process ([p0, p1, p0, p1]),
+the way a TPU slice's torus order interleaves hosts: each process then holds two non-adjacent blocks of rows,
+which the batch assembly must place correctly.
+
+Run a worker by hand: python -m tests.test_multihost PROCESS_ID NUM_PROCESSES PORT OUT_DIR [ordered|permuted]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, SEQ = 3, 8, 16
@@ -40,7 +45,7 @@ def _train(mesh_spec: str, devices=None, process_rows: bool = False):
                   LossConfig(chunk=8))
     teacher = d.put_teacher(tparams)
     state = d.init_state(student.params)
-    rows = parallel.process_batch_rows(BATCH, mesh) if process_rows else slice(None)
+    rows = parallel.process_batch_indices(BATCH, mesh) if process_rows else slice(None)
     losses = []
     for i in range(STEPS):
         full = make_batch(i, BATCH, SEQ, cfg.vocab_size, pad_rows=3)
@@ -55,7 +60,21 @@ def _flat(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
+MESHES = {"ordered": "data=1,fsdp=2,tensor=2", "permuted": "data=1,fsdp=4,tensor=1"}
+
+
+def _mesh_devices(mode: str):
+    """All devices, in process order, or interleaved by process (p0 d0, p1 d0, p0 d1, p1 d1)."""
+    import jax
+
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if mode == "permuted":
+        by_process = [[d for d in devices if d.process_index == p] for p in (0, 1)]
+        devices = [d for pair in zip(*by_process) for d in pair]
+    return devices
+
+
+def worker(process_id: int, num_processes: int, port: int, out_dir: str, mode: str = "ordered") -> None:
     """One process of the distributed run (started by the test, or by hand)."""
     import jax
 
@@ -66,25 +85,27 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
     started = parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id, timeout_s=60)
     assert started and jax.process_count() == num_processes and jax.process_index() == process_id
     assert len(jax.devices()) == 2 * num_processes and len(jax.local_devices()) == 2
-    losses, params, teacher = _train("data=1,fsdp=2,tensor=2", process_rows=True)
+    devices = _mesh_devices(mode)
+    losses, params, teacher = _train(MESHES[mode], devices, process_rows=True)
     from jax.experimental import multihost_utils
 
     multihost_utils.assert_equal(params, "processes ended with different parameters")
     local_teacher = sum(s.data.nbytes for x in jax.tree.leaves(teacher) for s in x.addressable_shards)
     full_teacher = sum(x.nbytes for x in jax.tree.leaves(teacher))
-    mesh = parallel.make_mesh("data=1,fsdp=2,tensor=2")
-    rows = parallel.process_batch_rows(BATCH, mesh)
-    assert parallel.global_batch_size(rows.stop - rows.start, mesh) == BATCH
+    mesh = parallel.make_mesh(MESHES[mode], devices)
+    rows = parallel.process_batch_indices(BATCH, mesh)
+    assert parallel.global_batch_size(len(rows), mesh) == BATCH
     assert parallel.process_data_shard(mesh) == (process_id, 2)
     if parallel.is_main_process():  # only process 0 writes
         np.savez(Path(out_dir) / "params.npz", **_flat(params))
-        (Path(out_dir) / "result.json").write_text(json.dumps(dict(losses=losses, rows=[rows.start, rows.stop],
+        (Path(out_dir) / "result.json").write_text(json.dumps(dict(losses=losses, rows=[int(r) for r in rows],
                                                    local_teacher=local_teacher, full_teacher=full_teacher)))
     multihost_utils.sync_global_devices("written")
     jax.distributed.shutdown()
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("mode", ["ordered", "permuted"])
+def test_two_processes_train_like_one(tmp_path, mode):
     from boomerang_jax import parallel
 
     port = parallel.free_port()
@@ -94,7 +115,7 @@ def test_two_processes_train_like_one(tmp_path):
     for i in range(2):
         with open(tmp_path / f"worker{i}.log", "w") as log:  # the child keeps its own copy of the descriptor
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tests.test_multihost", str(i), "2", str(port), str(tmp_path)],
+                [sys.executable, "-m", "tests.test_multihost", str(i), "2", str(port), str(tmp_path), mode],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         # the single-process reference runs here meanwhile (1 device, whole batch)
@@ -114,7 +135,8 @@ def test_two_processes_train_like_one(tmp_path):
     # only process 0 wrote, and it wrote everything
     assert sorted(f.name for f in tmp_path.iterdir() if not f.name.endswith(".log")) == ["params.npz", "result.json"]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["rows"] == [0, BATCH // 2]  # process 0 loaded only its half of the batch
+    # process 0 loaded only its half of the batch: one block, or every other block of the interleaved mesh
+    assert result["rows"] == ([0, 1, 2, 3] if mode == "ordered" else [0, 1, 4, 5])
     assert result["local_teacher"] <= result["full_teacher"] / 2 + 512  # the teacher is split across processes
     for step, (a, b) in enumerate(zip(result["losses"], ref_losses)):
         for key in ("loss", "ce", "kl", "cos", "grad_norm", "tokens"):
@@ -126,4 +148,4 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
