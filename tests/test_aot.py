@@ -189,3 +189,25 @@ def test_compile_command_prints_xla_memory_and_exits_by_fit(tmp_path, capsys):
     # a batch that cannot split over the topology's devices: a clear error, exit 2
     assert cli_main(["compile", "--config", str(cfg), "--topology", "v5e-4", "data.train.batch_size=6"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_every_tpu_preset_of_every_paper_config_was_compiled_and_fits_with_margin():
+    """The presets are judged by XLA's own figure: benchmarks/compile_presets.py compiles each one for its TPU
+    (minutes each, so not in CI) and records it; a preset changed without compiling it again fails here."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("compile_presets", repo / "benchmarks" / "compile_presets.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.load_rows(bench.RESULTS)
+    missing, tight = [], []
+    for config in sorted((repo / "configs").glob("paper-*.yaml")):
+        for preset, settings in bench.tpu_presets(config).items():
+            row = rows.get(bench.key(config, preset, settings))
+            if row is None or "error" in row:
+                missing.append(f"{config.name} {preset}" + (f": {row['error']}" if row else ""))
+            elif not (row["fits"] and row["margin"] >= bench.MIN_MARGIN):
+                tight.append(f"{config.name} {preset}: {row['peak'] / GIB:.1f} of {row['hbm'] / GIB:.0f} GiB")
+    assert not missing, f"not compiled with the current preset (run benchmarks/compile_presets.py): {missing}"
+    assert not tight, f"presets under the {bench.MIN_MARGIN:.0%} margin: {tight}"

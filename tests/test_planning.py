@@ -74,7 +74,7 @@ def test_plan_memory_command_on_a_paper_config_is_offline_and_covers_every_prese
     out = json.loads(capsys.readouterr().out)
     presets = list(load_run_config(path)["presets"])
     assert [t["topology"] for t in out["topologies"]] == presets and "v5p-128" in presets
-    assert all(t["fits"] for t in out["topologies"])
+    assert all(isinstance(t["fits"], bool) and t["total"] > 0 for t in out["topologies"])
     v5p = next(t for t in out["topologies"] if t["topology"] == "v5p-128")
     assert v5p["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1} and v5p["rows_per_device"] == 16
     multi = next(t for t in out["topologies"] if t["topology"] == "2xv5p-128")
@@ -83,9 +83,13 @@ def test_plan_memory_command_on_a_paper_config_is_offline_and_covers_every_prese
     assert "does not split over data x fsdp = 256 devices" in capsys.readouterr().out
 
 
-def test_every_preset_of_every_paper_config_fits_its_topology():
+def test_every_gpu_preset_of_every_paper_config_fits_by_the_estimate():
+    """GPU presets are judged by plan-memory (no ahead-of-time GPU compile here; it errs high, measured on an
+    H200). TPU presets are judged by XLA itself: tests/test_aot.py checks the recorded compiles."""
     for path in CONFIGS:
         for name in load_run_config(path)["presets"]:
+            if parse_topology(name).kind != "gpu":
+                continue
             cfg = load_run_config(path, preset=name)
             plan = plan_memory(run_shape(cfg), name, cfg["mesh"])
             assert plan.fits, (path.name, name, plan.table())
