@@ -286,8 +286,11 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
 
 def compile_config(cfg: Mapping[str, Any], topology: Topology | str, **kwargs: Any) -> CompileReport:
     """`compile_run` for a run config (distill/config.py): its models, plan, batch, mesh and eval batch."""
+    from boomerang_jax.distill.train import check_batch_config
     from boomerang_jax.planning import run_shape
 
+    # batch sizes that cannot split over this slice: the same start-up error, naming keys, as `distill` gives
+    check_batch_config(cfg, parallel.make_mesh(cfg["mesh"], topology_devices(topology)))
     eval_section = (cfg.get("data") or {}).get("eval") or {}
     eval_batch = int(eval_section["batch_size"]) if eval_section.get("batch_size") else None
     return compile_run(run_shape(cfg), topology, cfg["mesh"], eval_batch=eval_batch, **kwargs)

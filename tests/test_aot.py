@@ -188,7 +188,8 @@ def test_compile_command_prints_xla_memory_and_exits_by_fit(tmp_path, capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     # a batch that cannot split over the topology's devices: a clear error, exit 2
     assert cli_main(["compile", "--config", str(cfg), "--topology", "v5e-4", "data.train.batch_size=6"]) == 2
-    assert "divisible" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.train.batch_size=6 does not split over data x fsdp = 4 devices" in err, err
 
 
 def test_every_tpu_preset_of_every_paper_config_was_compiled_and_fits_with_margin():
