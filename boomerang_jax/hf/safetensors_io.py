@@ -1,7 +1,9 @@
 """Safetensors read/write with numpy + ml_dtypes (bf16 included), streaming and strict.
 
-Reading memory-maps the file and hands out one tensor at a time; a truncated or malformed file is an error
-naming the file. Writing takes the full list of tensor specs first, writes the header, then streams the
+Reading memory-maps the file and hands out one tensor at a time; a truncated or malformed file (header not an
+object of objects, unknown dtype, negative dims, byte ranges that are negative, overlap, leave gaps or do not
+match the shape) is an error naming the file and the tensor; these are the checks the `safetensors` library
+itself makes. Writing takes the full list of tensor specs first, writes the header, then streams the
 tensors in, so peak memory is one tensor regardless of the file size.
 """
 
@@ -13,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -56,6 +58,90 @@ def dtype_name(dtype: np.dtype) -> str:
         raise SafetensorsError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise SafetensorsError(f"key {k!r} appears twice in the header")
+        out[k] = v
+    return out
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _parse_header(
+    path: Path, raw: bytes, data_start: int, data_size: int
+) -> tuple[dict[str, str], dict[str, tuple[np.dtype, tuple[int, ...], int, int]]]:
+    """Check a safetensors header as the format requires and return (metadata, name -> (dtype, shape, begin,
+    end) as absolute file offsets).
+
+    Required: a JSON object of objects; `__metadata__` (optional) maps strings to strings; each tensor has a
+    known `dtype`, a `shape` of integers >= 0 and `data_offsets` [begin, end] with 0 <= begin <= end,
+    end - begin = prod(shape) x itemsize; the ranges, in order, are disjoint and contiguous from 0 and cover
+    the data exactly (no tensor aliases another or the header, no hidden bytes). Errors name the file and
+    the tensor.
+    """
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except SafetensorsError as e:
+        raise SafetensorsError(f"{path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{where}: entry is a JSON {type(info).__name__}, expected an object with "
+                                   "dtype, shape and data_offsets")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise SafetensorsError(f"{where}: missing field(s) {', '.join(missing)}")
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES:
+            raise SafetensorsError(f"{where}: unsupported dtype {info['dtype']!r} (supported: {', '.join(_DTYPES)})")
+        dt = _DTYPES[info["dtype"]]
+        shape_raw, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape_raw, list) or any(_int(d) is None or d < 0 for d in shape_raw):
+            raise SafetensorsError(f"{where}: shape {shape_raw!r} is not a list of integers >= 0")
+        shape = tuple(shape_raw)
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(_int(x) is None for x in offsets):
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} is not a pair of integers [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} must satisfy 0 <= begin <= end")
+        nbytes = int(np.prod(shape, dtype=object) if shape else 1) * dt.itemsize
+        if end - begin != nbytes:
+            raise SafetensorsError(f"{where}: byte range {offsets!r} holds {end - begin} bytes, but shape {shape} of "
+                                   f"{info['dtype']} needs {nbytes}")
+        if end > data_size:
+            raise SafetensorsError(f"{path}: truncated: tensor {name!r} needs bytes up to {data_start + end}, file "
+                                   f"has {data_start + data_size}")
+        ranges.append((begin, end, name))
+        entries[name] = (dt, shape, data_start + begin, data_start + end)
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:  # sorted by begin: any overlap shows between neighbours (zero-size tensors share no bytes)
+            raise SafetensorsError(f"{path}: tensor {n1!r}: data_offsets [{b1}, {e1}] overlaps tensor {n0!r} "
+                                   f"[{b0}, {e0}]; tensor byte ranges must be disjoint")
+    expected = 0
+    for begin, end, name in ranges:
+        if begin != expected:
+            raise SafetensorsError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] leave a gap (bytes "
+                                   f"{expected}..{begin} belong to no tensor); tensor byte ranges must be contiguous")
+        expected = end
+    if expected != data_size:
+        raise SafetensorsError(f"{path}: tensors cover {expected} data bytes but the file holds {data_size} after "
+                               "the header")
+    return metadata, entries
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file: `specs()` lists tensors, `get(name)` returns a read-only view."""
 
@@ -69,27 +155,9 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", self._file.read(8))
             if n > min(_MAX_HEADER, size - 8):
                 raise SafetensorsError(f"{self.path}: truncated or not safetensors (header length {n}, file {size} bytes)")
-            try:
-                header = json.loads(self._file.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
-            self.metadata: dict = header.pop("__metadata__", None) or {}
-            self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-            data_start = 8 + n
-            for name, info in header.items():
-                try:
-                    dt = _DTYPES[info["dtype"]]
-                    shape = tuple(int(d) for d in info["shape"])
-                    begin, end = (int(x) for x in info["data_offsets"])
-                except KeyError as e:
-                    raise SafetensorsError(f"{self.path}: tensor {name!r}: unsupported or missing field {e}") from None
-                if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                    raise SafetensorsError(f"{self.path}: tensor {name!r}: byte range does not match shape {shape}")
-                if data_start + end > size:
-                    raise SafetensorsError(
-                        f"{self.path}: truncated: tensor {name!r} needs bytes up to {data_start + end}, file has {size}"
-                    )
-                self._entries[name] = (dt, shape, data_start + begin, data_start + end)
+            raw = self._file.read(n)
+            data_size = size - 8 - n
+            self.metadata, self._entries = _parse_header(self.path, raw, 8 + n, data_size)
             self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except BaseException:
             self._file.close()
