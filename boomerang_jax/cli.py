@@ -26,7 +26,7 @@ def _load_tokenizer(files: dict[str, bytes]):
     with tempfile.TemporaryDirectory() as d:
         for name, data in files.items():
             (Path(d) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(d)
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
 
 
 def info_command(args: argparse.Namespace) -> int:

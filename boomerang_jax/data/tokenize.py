@@ -11,6 +11,27 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 
+def refuse_remote_code(tokenizer_dir: str | os.PathLike) -> None:
+    """A ValueError naming the file and key when a local tokenizer directory asks for custom code
+    (`auto_map` in tokenizer_config.json or config.json): boomerang-jax never runs code from a model
+    directory (every transformers load passes trust_remote_code=False; this makes the refusal say why)."""
+    import json
+
+    for fname in ("tokenizer_config.json", "config.json"):
+        path = Path(tokenizer_dir) / fname
+        if not path.is_file():
+            continue
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        if auto_map:
+            raise ValueError(f"{path}: auto_map {json.dumps(auto_map)} asks to run custom Python code from the "
+                             "model directory; boomerang-jax never runs it (trust_remote_code=False). Use a "
+                             "tokenizer that transformers supports natively.")
+
+
 def tokenizer_from_files(files: dict[str, bytes]) -> Any:
     """A transformers tokenizer from in-memory tokenizer files (as carried by a Checkpoint or a GGUF file)."""
     from transformers import AutoTokenizer
@@ -18,7 +39,8 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
     with tempfile.TemporaryDirectory() as d:
         for fname, data in files.items():
             (Path(d) / fname).write_bytes(data)
-        return AutoTokenizer.from_pretrained(d)
+        refuse_remote_code(d)
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Any:
@@ -41,7 +63,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
         scheme, bucket, key = storage.split_url(spec)
         spec = str(storage.local_copy(spec, include=[*TOKENIZER_FILES, "config.json"], what="tokenizer directory",
                                       dest=storage.cache_root() / "tokenizers" / scheme / bucket / key))
-    return AutoTokenizer.from_pretrained(spec)
+    if Path(spec).is_dir():
+        refuse_remote_code(spec)
+    return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
 
 
 def _token_id(tokenizer: Any, token: str, what: str) -> int:

@@ -51,13 +51,19 @@ def verify_export(
     from boomerang_jax.hf.checkpoint import load_hf, resolve_dir
     from boomerang_jax.models.transformer import forward
 
+    if tokens is None:
+        for flag, value in (("--num-sequences", num_sequences), ("--seq-len", seq_len)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1 (got {value}): verify compares logits of at least one "
+                                 "sequence of at least one token")
     local = resolve_dir(path)
     ck = load_hf(local)
     if tokens is None:
         rng = np.random.RandomState(seed)
         tokens = rng.randint(0, ck.config.vocab_size, (num_sequences, seq_len))
     tokens = np.asarray(tokens)
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
     with torch.no_grad():
         ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     with jax.default_matmul_precision("highest"):
