@@ -38,6 +38,7 @@ from boomerang_jax.planning import MemoryPlan, RunShape, plan_memory
 from boomerang_jax.surgery import patched_first
 from boomerang_jax.topology import GIB, Topology, parse_topology
 
+PROGRAMS = ("train step", "eval step", "teacher forward")
 MIN_MARGIN = 0.10  # presets are chosen to leave at least this share of HBM free (docs/REPRODUCE.md)
 
 
@@ -236,10 +237,13 @@ def _largest_hybrid(distiller: Distiller) -> dict[str, np.ndarray] | None:
 
 
 def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_batch: int | None = None,
-                programs: Sequence[str] = ("train step", "eval step", "teacher forward"),
+                programs: Sequence[str] = PROGRAMS,
                 log: Callable[[str], None] = lambda s: None) -> CompileReport:
     """Compile the run's programs for `topology` with `mesh` (a mesh config; -1 fills the topology) and return
     XLA's per-device memory of each. `eval_batch`: the global batch of `data.eval` (default: no eval step)."""
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise CompileError(f"unknown program(s) {unknown}; the programs are {', '.join(PROGRAMS)}")
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topo)
     jmesh = parallel.make_mesh(mesh, devices)

@@ -146,8 +146,9 @@ def compile_command(args: argparse.Namespace) -> int:
     from boomerang_jax.aot import CompileError, compile_config
 
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    programs = [p.strip().replace("-", " ") for p in args.programs.split(",") if p.strip()]
     try:
-        report = compile_config(cfg, topology, log=log)
+        report = compile_config(cfg, topology, log=log, programs=programs)
     except CompileError as e:
         print(f"boomerang compile: error: {e}", file=sys.stderr)
         return 2
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, as for distill")
     p.add_argument("--preset", help="apply the config's presets[NAME]; also the topology when --topology is not given")
     p.add_argument("--topology", help="TPU slice, e.g. v5p-128, v5e-16, v4-32, 2xv5p-128 (default: the preset's name)")
+    p.add_argument("--programs", default="train-step,eval-step,teacher-forward",
+                   help="which programs to compile (comma-separated; default all three)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=compile_command)
 

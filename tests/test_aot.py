@@ -181,6 +181,10 @@ def test_compile_command_prints_xla_memory_and_exits_by_fit(tmp_path, capsys):
     assert [p["name"] for p in out["programs"]] == ["train step", "eval step", "teacher forward"]
     assert all(p["total"] == p["argument"] + p["output"] - p["alias"] + p["temp"] + p["code"]
                for p in out["programs"])
+    assert cli_main(["compile", "--config", str(cfg), "--preset", "v5e-4", "--json", "--programs", "train-step"]) == 0
+    assert [p["name"] for p in json.loads(capsys.readouterr().out)["programs"]] == ["train step"]
+    assert cli_main(["compile", "--config", str(cfg), "--preset", "v5e-4", "--programs", "backward"]) == 2
+    assert "unknown program(s) ['backward']" in capsys.readouterr().err
     # too big for the chip: exit 1, with the verdict
     assert cli_main(["compile", "--config", str(cfg), "--topology", "v5e-4", "data.train.seq_len=8192",
                      "data.train.batch_size=64", "data.eval.seq_len=8192", "train.remat=none",
