@@ -128,6 +128,9 @@ def open_hf_source(path: str | os.PathLike, *, plan: LayerPlan | None = None) ->
             if spec.shape != expected[spec.name]:
                 raise CheckpointError(f"{f}: tensor {spec.name!r} has shape {spec.shape}, "
                                       f"expected {expected[spec.name]}")
+            if spec.name in tensor_file:
+                raise CheckpointError(f"tensor {spec.name!r} is stored twice: in {tensor_file[spec.name].path} "
+                                      f"and in {f}")
             tensor_file[spec.name] = st
             if dtype is None or spec.name == embedding:
                 dtype = spec.dtype
@@ -240,8 +243,17 @@ def read_family(family_dir: str | os.PathLike) -> dict[str, Any]:
                           "interpolate`; an export that did not finish has no family.json)") from None
     except json.JSONDecodeError as e:
         raise FamilyError(f"{path}: not valid JSON ({e})") from None
-    if family.get("format") != FAMILY_FORMAT:
-        raise FamilyError(f"{path}: format {family.get('format')!r}, expected {FAMILY_FORMAT!r}")
+    if not isinstance(family, dict) or family.get("format") != FAMILY_FORMAT:
+        got = family.get("format") if isinstance(family, dict) else family
+        raise FamilyError(f"{path}: format {got!r}, expected {FAMILY_FORMAT!r}")
+    sizes = family.get("sizes")
+    if not isinstance(sizes, list) or not all(isinstance(s, dict) and "dir" in s for s in sizes):
+        raise FamilyError(f"{path}: 'sizes' must be a list of objects each with a 'dir'")
+    for i, size in enumerate(sizes):
+        try:
+            storage.check_relative(size["dir"], where=str(path), what=f"sizes[{i}].dir")
+        except storage.UnsafePathError as e:
+            raise FamilyError(str(e)) from None
     return family
 
 

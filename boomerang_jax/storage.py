@@ -42,6 +42,27 @@ class StorageError(OSError):
     """A storage operation that cannot be done as asked; the message names the path."""
 
 
+class UnsafePathError(ValueError):
+    """A file name read from a listing, an index or a manifest that would leave its directory."""
+
+
+def check_relative(rel: str, *, where: str, what: str = "file name") -> str:
+    """`rel` if it is a plain relative path that stays inside its directory, else an UnsafePathError naming
+    `where` (the index, manifest or listing it came from) and the value.
+
+    Refused: non-strings, empty names, absolute paths (`/x`, `C:x`, `\\x`), `..` components, backslashes
+    and NUL bytes.
+    """
+    if not isinstance(rel, str) or not rel:
+        raise UnsafePathError(f"{where}: {what} {rel!r} is not a non-empty string")
+    parts = rel.split("/")
+    if (rel.startswith("/") or "\\" in rel or "\0" in rel or (len(rel) > 1 and rel[1] == ":")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UnsafePathError(f"{where}: {what} {rel!r} leaves its directory (only plain relative names such as "
+                              "'model-00001-of-00002.safetensors' are allowed)")
+    return rel
+
+
 # ------------------------------------------------------------------------------------------- paths
 def is_remote(path: PathLike) -> bool:
     """True for URLs such as gs://bucket/dir; False for local paths."""
@@ -260,6 +281,8 @@ def download_dir(src: PathLike, local_dir: PathLike, *, include: Sequence[str] |
     """Copy the files under `src` (those whose base name matches a pattern of `include`, if given) into
     `local_dir`. Returns the relative paths copied."""
     rels = [r for r in list_files(src) if include is None or any(fnmatch.fnmatch(name(r), p) for p in include)]
+    for r in rels:
+        check_relative(r, where=f"{src} (listing)", what="object name")
     local = Path(local_dir)
     for rel in rels:
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +315,8 @@ def local_copy(url: PathLike, *, dest: PathLike | None = None, include: Sequence
                if include is None or any(fnmatch.fnmatch(name(r), p) for p in include)}
     if not listing:
         raise FileNotFoundError(f"{url}: no such {what} (no objects under this prefix)")
+    for r in listing:
+        check_relative(r, where=f"{url} (listing)", what="object name")
     if require is not None and require not in listing:
         raise FileNotFoundError(f"{url}: no {require}; not a complete {what} (an export to it may not have "
                                 "finished)")

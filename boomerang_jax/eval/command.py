@@ -24,7 +24,9 @@ def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
 
     path = Path(spec)
     if path.is_dir() and (path / "family.json").exists():
-        family = json.loads((path / "family.json").read_text())
+        from boomerang_jax.family import read_family
+
+        family = read_family(path)
         out = []
         for size in family["sizes"]:
             ck = load_model(str(path / size["dir"]), to_device=False)

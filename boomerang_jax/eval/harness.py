@@ -85,7 +85,8 @@ def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_p
         model_dir = resolve_dir(model_dir)
     manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype={dtype}", tasks=list(tasks),
+        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype={dtype},trust_remote_code=False",
+        tasks=list(tasks),
         task_manager=manager, device=device, batch_size=batch_size, limit=limit, log_samples=False,
         bootstrap_iters=1000,
     )
@@ -98,12 +99,9 @@ def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_p
 
 def family_sizes(family_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The size entries of a family.json (each has 'dir', 'num_layers', 'params', ...); local or gs://."""
-    path = storage.join(family_dir, "family.json")
-    try:
-        family = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing (is {family_dir} a family directory from `boomerang interpolate`?)") from None
-    return family["sizes"]
+    from boomerang_jax.family import read_family
+
+    return read_family(family_dir)["sizes"]
 
 
 def harness_over_family(family_dir: str | os.PathLike, tasks: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:

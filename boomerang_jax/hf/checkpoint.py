@@ -83,8 +83,16 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: malformed index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, expected an object "
+                                  "mapping tensor names to shard file names")
+        for tensor, shard in weight_map.items():
+            try:
+                storage.check_relative(shard, where=f"{index}", what=f"shard of tensor {tensor!r}")
+            except storage.UnsafePathError as e:
+                raise CheckpointError(str(e)) from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
@@ -114,6 +122,29 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
+
+
+def check_finite(array: np.ndarray, what: str, *, cast_from: np.ndarray | None = None) -> None:
+    """A CheckpointError naming `what` when a floating-point `array` holds NaN or inf (weights that would make
+    every output NaN). With `cast_from` (the values before a cast to a narrower dtype) the message says the
+    cast overflowed."""
+    array = np.asarray(array)
+    if not _is_float(array.dtype):
+        return
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return
+    count = int(bad.sum())
+    if cast_from is not None:
+        peak = float(np.abs(np.asarray(cast_from, np.float32)).max())
+        raise CheckpointError(f"{what}: {count} value(s) overflow to inf (max |value| {peak:.4g}, largest finite "
+                              f"{float(np.finfo(array.dtype).max):.4g}); use a wider dtype")
+    nan = int(np.isnan(array).sum())
+    raise CheckpointError(f"{what}: {count} non-finite value(s) ({nan} NaN, {count - nan} inf) of {array.size}")
+
+
 def params_from_tensors(
     config: ModelConfig,
     tensors: Iterable[tuple[str, np.ndarray, str]],
@@ -130,8 +161,10 @@ def params_from_tensors(
     lookup: dict[str, tuple[names.Entry, int | None]] = {}
     for e, layer in names.export_order(config):
         lookup[e.name(layer)] = (e, layer)
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for name, array, where in tensors:
+        if name in seen:
+            raise CheckpointError(f"tensor {name!r} is stored twice: in {seen[name]} and in {where}")
         if name not in lookup:
             if names.IGNORED_TENSORS.search(name) or (config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")):
                 continue
@@ -140,6 +173,7 @@ def params_from_tensors(
         entry, layer = lookup[name]
         if tuple(array.shape) != entry.hf_shape:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {entry.hf_shape}")
+        check_finite(array, f"{where}: tensor {name!r}")
         for target, leaf in zip(entry.targets, entry.split(array)):
             node = buffers if layer is None else buffers["layers"]
             for key in target:
@@ -148,7 +182,10 @@ def params_from_tensors(
                 node[...] = leaf
             else:
                 node[layer] = leaf
-        seen.add(name)
+            if _is_float(dt) and _is_float(array.dtype) and np.finfo(dt).max < np.finfo(array.dtype).max:
+                check_finite(node if layer is None else node[layer], f"{where}: tensor {name!r} cast to {dt}",
+                             cast_from=leaf)
+        seen[name] = where
     missing = [n for n in lookup if n not in seen]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
