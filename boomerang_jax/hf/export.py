@@ -18,7 +18,7 @@ import numpy as np
 
 from boomerang_jax import storage
 from boomerang_jax.hf import names
-from boomerang_jax.hf.checkpoint import np_dtype
+from boomerang_jax.hf.checkpoint import CheckpointError, check_finite, np_dtype
 from boomerang_jax.hf.safetensors_io import TensorSpec, write_safetensors, dtype_name
 from boomerang_jax.models.config import ModelConfig, to_hf
 from boomerang_jax.models.transformer import Params
@@ -105,6 +105,9 @@ def save_hf(
     """
     if (params is None) == (get is None):
         raise ExportError("save_hf needs exactly one of params= or get=")
+    if not max_shard_bytes > 0:
+        raise ExportError(f"max shard size must be positive, got {max_shard_bytes!r} bytes "
+                          "(--max-shard-gb must be > 0)")
     get = get or params_getter(params)
     dt = np_dtype(dtype)
     specs = tensor_specs(config, dt)
@@ -112,7 +115,7 @@ def save_hf(
     with storage.publish_dir(out_dir, marker="config.json", overwrite=overwrite, last=COMMIT_ORDER,
                              error=ExportError) as pub:
         tmp = pub.path
-        stream = hf_tensors(config, get)
+        stream = _finite_after_cast(hf_tensors(config, get), dt)
         weight_map: dict[str, str] = {}
         for k, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -131,6 +134,22 @@ def save_hf(
         for name, data in {**(tokenizer_files or {}), **(extra_files or {})}.items():
             (tmp / name).write_bytes(data)
     return str(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
+
+
+def _finite_after_cast(tensors: Iterator[tuple[str, np.ndarray]], dt: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor cast to `dt`; an ExportError naming the tensor when it holds NaN/inf, or when the cast made
+    it overflow (float16 tops out at 65504)."""
+    for name, arr in tensors:
+        arr = np.asarray(arr)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, naming the tensor
+            cast = np.ascontiguousarray(arr, dtype=dt)
+        try:
+            check_finite(arr, f"tensor {name!r}")
+            if cast.dtype != arr.dtype:
+                check_finite(cast, f"tensor {name!r} cast to {dt}", cast_from=arr)
+        except CheckpointError as e:
+            raise ExportError(f"{e}; export abandoned (nothing published as complete)") from None
+        yield name, cast
 
 
 def _take(it: Iterator[tuple[str, np.ndarray]], n: int) -> Iterable[tuple[str, np.ndarray]]:
