@@ -86,8 +86,11 @@ def markdown(rows: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        name = r["config"].replace("configs/", "").replace(".yaml", "")
+        name = Path(r["config"]).stem
         micro = r["settings"].get("train", {}).get("micro_batches", "config")
+        if r.get("pending"):
+            lines.append(f"| {name} | {r['preset']} | | {micro} | not compiled yet | | | | | | |")
+            continue
         if "error" in r:
             lines.append(f"| {name} | {r['preset']} | | {micro} | error: {r['error'][:120]} | | | no | | | |")
             continue
@@ -124,6 +127,8 @@ def main() -> int:
     ap.add_argument("--presets", nargs="*", help="only these presets (default: every TPU preset of each config)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (config, preset)")
+    ap.add_argument("--first", nargs="*", help="compile these CONFIG_STEM:PRESET rows before the others")
+    ap.add_argument("--skip", nargs="*", help="leave out these CONFIG_STEM:PRESET rows (e.g. compiled elsewhere)")
     ap.add_argument("--jobs", type=int, default=1, help="compiles run side by side (about one core each)")
     ap.add_argument("--redo", action="store_true", help="compile again rows already in the results file")
     ap.add_argument("--write-docs", action="store_true", help="only rewrite the table in docs/REPRODUCE.md")
@@ -138,17 +143,22 @@ def main() -> int:
                 continue
             todo.append((config, preset, settings, key(config, preset, settings)))
     if not args.write_docs:
-        pending = [(i, t) for i, t in enumerate(todo, 1) if t[3] not in done or args.redo]
+        skip = set(args.skip or ())
+        pending = [(i, t) for i, t in enumerate(todo, 1) if (t[3] not in done or args.redo)
+                   and f"{t[0].stem}:{t[1]}" not in skip]
         # cheap slices first (compile time grows with the number of devices): a cut-off sweep misses big ones only
-        pending.sort(key=lambda it: (parse_topology(it[1][1]).chips, it[0]))
+        # (multi-slice last: per device it runs the program of one slice, with data over the slices)
+        first = set(args.first or ())
+        pending.sort(key=lambda it: (f"{it[1][0].stem}:{it[1][1]}" not in first, parse_topology(it[1][1]).slices,
+                                     parse_topology(it[1][1]).chips, it[0]))
 
         def run(item: tuple[int, tuple]) -> dict:
             i, (config, preset, settings, k) = item
             print(f"[{i}/{len(todo)}] {config.name} {preset} ...", flush=True)
             settings = tpu_presets(config).get(preset, settings)  # as compiled, if the file changed meanwhile
             k = key(config, preset, settings)
-            row = {"key": k, "config": str(config.relative_to(REPO)), "preset": preset, "settings": settings,
-                   **compile_one(config, preset, args.timeout)}
+            row = {**compile_one(config, preset, args.timeout), "key": k, "config": str(config.relative_to(REPO)),
+                   "preset": preset, "settings": settings}
             status = row.get("error") or (f"{row['peak'] / GIB:.1f} GiB of {row['hbm'] / GIB:.0f} "
                                           f"({100 * row['margin']:.0f}% free), {row['wall_s']:.0f} s")
             print(f"    [{i}] {config.name} {preset}: {status}", flush=True)
@@ -161,7 +171,8 @@ def main() -> int:
                 done[row["key"]] = row
                 with open(args.results, "a") as f:  # as each finishes: an interrupted sweep keeps every row
                     f.write(json.dumps(row) + "\n")
-    rows = [done[k] for *_, k in todo if k in done]
+    rows = [done[k] if k in done else {"config": str(c.relative_to(REPO)), "preset": p, "settings": st, "pending": True}
+            for c, p, st, k in todo]
     if args.write_docs or os.environ.get("WRITE_DOCS"):
         write_docs(rows)
     print(markdown(rows))
