@@ -31,6 +31,7 @@ Numerics:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -48,6 +49,21 @@ class LossConfig:
     tau: float = 1.0
     w_cos: float = 2.0
     chunk: int = 512
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"loss.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("w_ce", "w_kl", "w_cos", "tau"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(name, "a number >= 0")
+        if self.tau <= 0:
+            raise bad("tau", "a number > 0 (the KL temperature)")
+        if self.w_ce == self.w_kl == self.w_cos == 0:
+            raise ValueError("loss.w_ce, loss.w_kl and loss.w_cos are all 0: nothing would be trained")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0:
+            raise bad("chunk", "an integer > 0 (tokens per logits chunk)")
 
 
 # ----------------------------------------------------------------------------- helpers

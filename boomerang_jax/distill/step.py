@@ -71,6 +71,8 @@ class TrainConfig:
     patch_seed: int = 0
 
     def __post_init__(self) -> None:
+        for name, ok, rule in _TRAIN_RULES:
+            _check_number("train", name, getattr(self, name), ok, rule)
         try:
             sizes = tuple(int(m) for m in self.patch_sizes)
         except (TypeError, ValueError):
@@ -92,6 +94,30 @@ class TrainConfig:
         if self.warmup_steps is not None:
             return max(0, int(self.warmup_steps))
         return math.ceil(0.01 * self.total_steps)
+
+
+def _check_number(section: str, name: str, value: Any, ok: Callable[[float], bool], rule: str,
+                  integer: bool = False) -> None:
+    """Raise ValueError naming `section.name` unless `value` is a real number (an int if `integer`) obeying `rule`."""
+    kinds = (int,) if integer else (int, float)
+    if value is None and name == "warmup_steps":
+        return
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{section}.{name} must be {kind} {rule}, got {value!r}")
+
+
+# (field, check, rule as the error says it): nonsense values fail before anything runs, naming the key
+_TRAIN_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("lr", lambda v: v > 0, "> 0"),
+    ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("eps", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("end_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the cosine's final share of lr)"),
+    ("clip_norm", lambda v: v > 0, "> 0"),
+    ("warmup_steps", lambda v: v >= 0 and float(v).is_integer(), ">= 0 (whole steps) or null for 1%"),
+)
 
 
 class TrainState(NamedTuple):

@@ -1,0 +1,47 @@
+"""Nonsense run settings fail before anything runs, through the CLI, naming the key (issue 19, defect 5).
+
+Before: `train.lr=-0.03` ran gradient ascent for 20 steps (loss 4.9 -> 22.9) and exported the student.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from boomerang_jax.cli import main as cli_main
+
+BAD = [
+    ("train.lr=-0.03", "train.lr must be a number > 0, got -0.03"),
+    ("train.lr=0", "train.lr must be a number > 0, got 0"),
+    ("train.lr=fast", "train.lr must be a number > 0, got 'fast'"),
+    ("train.b1=1.0", "train.b1 must be a number in [0, 1), got 1.0"),
+    ("train.b2=-0.1", "train.b2 must be a number in [0, 1), got -0.1"),
+    ("train.eps=0", "train.eps must be a number > 0, got 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be a number >= 0, got -0.1"),
+    ("train.clip_norm=0", "train.clip_norm must be a number > 0, got 0"),
+    ("train.end_lr_ratio=-1", "train.end_lr_ratio must be a number in [0, 1]"),
+    ("train.warmup_steps=-5", "train.warmup_steps must be a number >= 0"),
+    ("train.lr=.nan", "train.lr must be a number > 0, got nan"),
+    ("loss.tau=0", "loss.tau must be a number > 0 (the KL temperature), got 0"),
+    ("loss.w_kl=-1", "loss.w_kl must be a number >= 0, got -1"),
+    ("loss.chunk=0", "loss.chunk must be an integer > 0"),
+    ("loss.w_ce=0 loss.w_kl=0 loss.w_cos=0", "are all 0: nothing would be trained"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[b[0] for b in BAD])
+def test_nonsense_hyper_parameters_are_refused_before_training_naming_the_key(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    code = cli_main(["distill", f"data.train.path={tmp_path / 'data'}", f"run.dir={run_dir}", *overrides.split()])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert not run_dir.exists()  # nothing was started
+
+
+def test_sensible_settings_still_pass_the_checks():
+    from boomerang_jax.distill.loss import LossConfig
+    from boomerang_jax.distill.step import TrainConfig
+
+    TrainConfig(lr=3e-4, b1=0.0, b2=0.999, weight_decay=0.0, end_lr_ratio=1.0, warmup_steps=0)
+    TrainConfig(warmup_steps=None, lr=1)
+    LossConfig(w_ce=0.0, w_kl=1.0, w_cos=0.0)
