@@ -45,3 +45,25 @@ def test_sensible_settings_still_pass_the_checks():
     TrainConfig(lr=3e-4, b1=0.0, b2=0.999, weight_decay=0.0, end_lr_ratio=1.0, warmup_steps=0)
     TrainConfig(warmup_steps=None, lr=1)
     LossConfig(w_ce=0.0, w_kl=1.0, w_cos=0.0)
+
+
+@pytest.mark.parametrize("student_name, layers, message", [
+    ("llama-gqa3-tied-llama3rope", None, "student and teacher differ in"),  # another architecture
+    ("qwen3-gqa2-tied", 4, "the plan has 3 blocks (student layers), but the student has 4 layers"),
+])
+def test_a_student_that_does_not_fit_its_teacher_is_refused_at_start_up(tmp_path, capsys, student_name, layers,
+                                                                         message):
+    """Before: a Llama student with a Qwen3 teacher trained to the end and exported; a wrong layer count failed
+    only at the first step with shape tuples (issue 19, defect 8)."""
+    from tests.conftest import TINY_CONFIGS, build_hf_model
+
+    teacher_dir, student_dir, run_dir = tmp_path / "teacher", tmp_path / "student", tmp_path / "run"
+    build_hf_model(TINY_CONFIGS["qwen3-gqa2-tied"]).save_pretrained(teacher_dir)  # 4 layers -> plan of 3 blocks
+    spec = dict(TINY_CONFIGS[student_name], num_hidden_layers=layers or 3)
+    build_hf_model(spec, seed=1).save_pretrained(student_dir)
+    code = cli_main(["distill", f"teacher={teacher_dir}", f"student={student_dir}", f"run.dir={run_dir}",
+                     f"data.train.path={tmp_path / 'data'}", "data.train.batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"student {student_dir} cannot be distilled from teacher {teacher_dir}" in err and message in err, err
+    assert not (run_dir / "checkpoints").exists()

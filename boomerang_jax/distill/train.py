@@ -28,7 +28,7 @@ from boomerang_jax.distill.config import RunConfigError, loss_config, run_settin
 from boomerang_jax.distill.step import Distiller, TrainState
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
-from boomerang_jax.surgery import LayerPlan, count_params, prune
+from boomerang_jax.surgery import LayerPlan, SurgeryError, check_compatible, count_params, prune
 
 # bf16 peak TFLOP/s per device (public spec sheets), for the MFU estimate.
 PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
@@ -298,6 +298,11 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
     if cfg.get("student"):
         student_ck = load_hf(cfg["student"], to_device=False)
         student_config, student_params = student_ck.config, student_ck.params
+        try:  # the rule interpolation needs, checked now rather than as shape errors at the first step
+            check_compatible(student_config, teacher.config, plan)
+        except SurgeryError as e:
+            raise RunConfigError(f"student {cfg['student']} cannot be distilled from teacher {cfg['teacher']} "
+                                 f"with this plan: {e}") from None
     else:
         student_config, student_params = prune(teacher.params, teacher.config, plan)
     log(f"teacher {cfg['teacher']}: {teacher.config.num_layers} layers, "
