@@ -189,8 +189,9 @@ class CompileReport:
         for p in self.programs:
             lines.append(f"  {p.name:<18}{p.argument / GIB:10.3f}{p.output / GIB:9.3f}{p.alias / GIB:9.3f}"
                          f"{p.temp / GIB:9.3f}{p.total / GIB:9.3f}{p.lower_s:9.1f}{p.compile_s:10.1f}")
-        if self.plan is not None:
-            ratio = self.plan.total / max(self.programs[0].total, 1)
+        train = next((p for p in self.programs if p.name == "train step"), None)
+        if self.plan is not None and train is not None:
+            ratio = self.plan.total / max(train.total, 1)
             lines.append(f"  plan-memory estimate of the train step: {self.plan.total / GIB:.3f} GiB "
                          f"({ratio:.2f}x XLA's)")
         lines.append("  " + self.verdict())
@@ -275,10 +276,12 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
         batch = d.abstract_batch(rows, seq)
         teacher = d.abstract_teacher()
         log(f"compiling the teacher forward ({rows} x {seq}) ...")
-        fwd = jax.jit(row_nll, static_argnames=("config", "chunk", "dtype"),
+        fwd = jax.jit(row_nll, static_argnames=("config", "chunk", "dtype", "rows_sharding"),
                       out_shardings=NamedSharding(jmesh, P(parallel.BATCH_AXES)))
+        rows = NamedSharding(jmesh, P(parallel.BATCH_AXES, None, None))
         out.append(_compiled_memory("teacher forward", lambda: fwd.lower(
-            teacher, shape.teacher, batch, chunk=min(shape.loss.chunk, seq), dtype=shape.train.compute_dtype)))
+            teacher, shape.teacher, batch, chunk=min(shape.loss.chunk, seq), dtype=shape.train.compute_dtype,
+            rows_sharding=rows)))
     try:
         estimate = plan_memory(shape, topo, mesh)
     except Exception:  # the estimate is informative only
