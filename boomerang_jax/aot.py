@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from boomerang_jax import parallel
 from boomerang_jax.distill.step import Distiller, hybrid_arrays
 from boomerang_jax.eval.perplexity import row_nll
-from boomerang_jax.planning import MemoryPlan, RunShape, plan_memory
+from boomerang_jax.planning import MemoryPlan, RunShape, describe_run, plan_memory
 from boomerang_jax.surgery import patched_first
 from boomerang_jax.topology import GIB, Topology, parse_topology
 
@@ -286,8 +286,6 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
         estimate = plan_memory(shape, topo, mesh)
     except Exception:  # the estimate is informative only
         estimate = None
-    from boomerang_jax.planning import describe_run
-
     return CompileReport(topo, libtpu_topology_name(topo), sizes, out, estimate, describe_run(shape))
 
 

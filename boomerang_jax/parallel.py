@@ -378,18 +378,21 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, size: int | None = 
     over ("data", "fsdp"). Local row i goes to global row `process_batch_indices(size, mesh)[i]`, so any device
     order works; on one process the local batch is the global batch."""
     sharding = batch_sharding(mesh)
+    layouts: dict[int, tuple[int, dict[int, int]]] = {}  # global rows -> (local rows, local start of each block)
     out = {}
     for k, v in local_batch.items():
         v = np.asarray(v)
         gb = size or global_batch_size(v.shape[0], mesh)
-        blocks = process_row_blocks(gb, mesh)
-        if v.shape[0] != sum(s.stop - s.start for s in blocks):
-            raise MeshError(f"batch {k!r}: this process holds {sum(s.stop - s.start for s in blocks)} rows of the "
-                            f"global batch of {gb}, but its local batch has {v.shape[0]}")
-        offset, start = 0, {}
-        for s in blocks:  # where each of this process's global blocks starts in the local batch
-            start[s.start] = offset
-            offset += s.stop - s.start
+        if gb not in layouts:  # the same for every array of the batch: computed once per call
+            offset, start = 0, {}
+            for s in process_row_blocks(gb, mesh):  # where each of this process's blocks starts locally
+                start[s.start] = offset
+                offset += s.stop - s.start
+            layouts[gb] = (offset, start)
+        held, start = layouts[gb]
+        if v.shape[0] != held:
+            raise MeshError(f"batch {k!r}: this process holds {held} rows of the global batch of {gb}, but its "
+                            f"local batch has {v.shape[0]}")
         shape = (gb,) + v.shape[1:]
         arrays = []
         for dev, idx in sharding.addressable_devices_indices_map(shape).items():
