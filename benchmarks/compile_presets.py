@@ -29,7 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from boomerang_jax.topology import GIB, parse_topology  # noqa: E402
+from boomerang_jax.infra.topology import GIB, parse_topology  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "compile_presets.jsonl"
 DOC = REPO / "docs" / "REPRODUCE.md"

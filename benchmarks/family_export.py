@@ -4,7 +4,7 @@
 
 Without --teacher, the embedded SmolLM2-135M GGUF teacher is converted to an HF directory (float32) first. The
 student is the pruned teacher (reference plan every=2, first=1, last=2: 30 -> 16 layers, 15 last-to-first
-sizes). The export runs in a child process (`boomerang_jax.family interpolate`), so its peak RSS is measured
+sizes). The export runs in a child process (`boomerang_jax.surgery.family_export interpolate`), so its peak RSS is measured
 alone (os.wait4); the baseline copies the finished family directory with `cp -r`. Caches are warm for both and
 `sync` runs before each timing;
 figures are reported without and with the final `sync` (page cache only vs on disk). Target: export time <= 1.5x cp time, peak RSS about teacher + student.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 CHILD = """
 import json, sys, time
-from boomerang_jax import family as fam
+from boomerang_jax.surgery import family_export as fam
 t0 = time.perf_counter()
 s, t = fam.open_source(sys.argv[1]), fam.open_source(sys.argv[2])
 t1 = time.perf_counter()
@@ -57,9 +57,9 @@ def timed_child(cmd: list[str]) -> tuple[float, int, str]:
 
 def prepare(workdir: Path, teacher_arg: str | None) -> tuple[Path, Path]:
     """An HF teacher directory (converted from the embedded GGUF unless given) and its pruned student."""
-    from boomerang_jax import family as fam
     from boomerang_jax.hf.export import save_hf
     from boomerang_jax.surgery import LayerPlan
+    from boomerang_jax.surgery import family_export as fam
 
     teacher_dir = Path(teacher_arg) if teacher_arg else workdir / "teacher"
     if not teacher_arg and not (teacher_dir / "config.json").exists():
@@ -110,7 +110,7 @@ def main() -> int:
     nbytes = dir_bytes(out)
     export_s, export_wall, export_sync = (min(e[i] for e in exports) for i in range(3))
     cp_s, cp_sync = (min(c[i] for c in copies) for i in range(2))
-    _, import_rss, _ = timed_child([sys.executable, "-c", "import boomerang_jax.family"])
+    _, import_rss, _ = timed_child([sys.executable, "-c", "import boomerang_jax.surgery.family_export"])
     result = {
         "machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.processor() or platform.machine()}",
         "sizes": len(family["sizes"]),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 OURS = """
 import resource, time, jax, sys
-from boomerang_jax.hf.checkpoint import load_hf
+from boomerang_jax.hf.load import load_hf
 t = time.perf_counter()
 ck = load_hf(sys.argv[1])
 jax.block_until_ready(ck.params)

@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 from boomerang_jax import parallel  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
 from boomerang_jax.distill.step import Distiller, TrainConfig  # noqa: E402
+from boomerang_jax.infra.topology import GIB, Generation, Topology  # noqa: E402
 from boomerang_jax.models.config import ModelConfig  # noqa: E402
 from boomerang_jax.models.transformer import init_params  # noqa: E402
-from boomerang_jax.planning import RunShape, plan_memory, state_bytes  # noqa: E402
+from boomerang_jax.pod.planning import RunShape, plan_memory, state_bytes  # noqa: E402
 from boomerang_jax.surgery import LayerPlan, prune  # noqa: E402
-from boomerang_jax.topology import GIB, Generation, Topology  # noqa: E402
 
 QWEN_LIKE = dict(model_type="qwen3", num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                  tie_word_embeddings=False)

@@ -73,9 +73,10 @@ def run_jax(a: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from boomerang_jax import parallel, surgery
+    from boomerang_jax import surgery
     from boomerang_jax.distill.loss import LossConfig
     from boomerang_jax.distill.step import Distiller, TrainConfig
+    from boomerang_jax.infra import parallel
     from boomerang_jax.models.config import ModelConfig
     from boomerang_jax.models.transformer import param_shapes
 

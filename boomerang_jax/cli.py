@@ -73,8 +73,8 @@ def verify_command(args: argparse.Namespace) -> int:
 
 def distill_command(args: argparse.Namespace) -> int:
     """`boomerang distill --config X.yaml [--preset TOPOLOGY] [section.key=value ...]`: train (or resume)."""
-    from boomerang_jax import parallel
     from boomerang_jax.distill.config import load_run_config
+    from boomerang_jax.infra import parallel
 
     cfg = load_run_config(args.config, args.overrides, preset=args.preset)  # config errors before any start-up
     if args.distributed != "off":
@@ -92,8 +92,12 @@ def plan_memory_command(args: argparse.Namespace) -> int:
     import json
 
     from boomerang_jax.distill.config import load_run_config
-    from boomerang_jax.planning import (
-        accelerator_hours, describe_run, plan_memory, run_flops, run_shape,
+    from boomerang_jax.pod.planning import (
+        accelerator_hours,
+        describe_run,
+        plan_memory,
+        run_flops,
+        run_shape,
     )
 
     base = load_run_config(args.config, args.overrides)
@@ -143,7 +147,7 @@ def compile_command(args: argparse.Namespace) -> int:
     topology = args.topology or args.preset
     if not topology:
         raise ValueError("--topology NAME is needed (e.g. v5p-128, v5e-16, 2xv5p-128), or a --preset named like one")
-    from boomerang_jax.aot import CompileError, compile_config
+    from boomerang_jax.pod.aot import CompileError, compile_config
 
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
     programs = [p.strip().replace("-", " ") for p in args.programs.split(",") if p.strip()]
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.set_defaults(func=info_command)
 
-    from boomerang_jax.demo import add_demo_arguments, demo_command
+    from boomerang_jax.demo.run import add_demo_arguments, demo_command
 
     p = sub.add_parser("demo", help="the main job, offline: distill the embedded SmolLM2-135M, evaluate its family")
     add_demo_arguments(p)
@@ -219,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=compile_command)
 
+    from boomerang_jax.commands.eval import add_eval_arguments, eval_command
     from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
     from boomerang_jax.data.teacher_text import add_teacher_text_arguments, teacher_text_command
-    from boomerang_jax.eval.command import add_eval_arguments, eval_command
     from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command
-    from boomerang_jax.family import (
-        add_interpolate_arguments, add_prune_arguments, interpolate_command, prune_command,
+    from boomerang_jax.surgery.family_export import (
+        add_interpolate_arguments,
+        add_prune_arguments,
+        interpolate_command,
+        prune_command,
     )
 
     for name, help_, add, func in [

@@ -32,8 +32,8 @@ class LaunchError(RuntimeError):
 
 
 def load_topology():
-    """boomerang_jax/topology.py, loaded by path (no JAX, no package import on a workstation)."""
-    spec = importlib.util.spec_from_file_location("boomerang_topology", REPO / "boomerang_jax" / "topology.py")
+    """boomerang_jax/infra/topology.py, loaded by path (no JAX, no package import on a workstation)."""
+    spec = importlib.util.spec_from_file_location("boomerang_topology", REPO / "boomerang_jax" / "infra" / "topology.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
     spec.loader.exec_module(module)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +88,7 @@ def build_hf_model(spec: dict[str, Any], seed: int = 0, scale: float = 0.2):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(spec)
+    spec = copy.deepcopy(spec)  # transformers edits nested dicts (rope_parameters) in place
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -139,7 +140,7 @@ def tiny_name(request) -> str:
 @pytest.fixture
 def tiny(tmp_path, tiny_name):
     """(transformers model, our Checkpoint) of one TINY_CONFIGS family, saved and reloaded from an HF dir."""
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.load import load_hf
 
     model = save_tiny(tmp_path / tiny_name, tiny_name)
     return model, load_hf(tmp_path / tiny_name)
@@ -149,7 +150,7 @@ def tiny(tmp_path, tiny_name):
 def gcs(tmp_path_factory):
     """A local GCS emulator for the whole session, with every client pointed at it through its documented
     endpoint variable (tests/gcs_emulator.py) and a private model cache; yields the emulator."""
-    from boomerang_jax import storage
+    from boomerang_jax.infra import storage
     from tests.gcs_emulator import GcsEmulator
 
     emu = GcsEmulator(tmp_path_factory.mktemp("fake-gcs")).start()

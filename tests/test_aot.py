@@ -8,27 +8,26 @@ bytes of its state, teacher and batch) and libtpu's devices (their process indic
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is part of the test install")
 
 from boomerang_jax import parallel  # noqa: E402
-from boomerang_jax.aot import (  # noqa: E402
-    CompileError, compile_run, libtpu_topology_name, topology_devices,
-)
 from boomerang_jax.cli import main as cli_main  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
 from boomerang_jax.distill.step import TrainConfig  # noqa: E402
+from boomerang_jax.infra.topology import GIB, parse_topology  # noqa: E402
 from boomerang_jax.models.config import ModelConfig  # noqa: E402
-from boomerang_jax.planning import RunShape, per_device_bytes, state_bytes  # noqa: E402
+from boomerang_jax.pod.aot import (  # noqa: E402
+    CompileError,
+    compile_run,
+    libtpu_topology_name,
+    topology_devices,
+)
+from boomerang_jax.pod.planning import RunShape, state_bytes  # noqa: E402
 from boomerang_jax.surgery import LayerPlan  # noqa: E402
-from boomerang_jax.topology import GIB, parse_topology  # noqa: E402
 
 TINY_HF = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                num_attention_heads=8, num_key_value_heads=4, head_dim=8, tie_word_embeddings=False)

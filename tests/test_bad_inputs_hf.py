@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from boomerang_jax import storage
 from boomerang_jax.cli import main
-from boomerang_jax.family import FAMILY_FORMAT
 from boomerang_jax.hf.safetensors_io import (
     SafetensorsFile,
     TensorSpec,
     write_safetensors,
 )
+from boomerang_jax.infra import storage
+from boomerang_jax.surgery.family_export import FAMILY_FORMAT
 from tests.conftest import save_tiny
 
 NAME = "llama-mha-untied-bias-headdim"  # untied, 3 layers, hidden 32

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from boomerang_jax.cli import main as cli_main
-from boomerang_jax.demo import METHODS, STAGES
+from boomerang_jax.demo.run import METHODS, STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,6 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--out", str(out)]) == 0  # a rerun skips every finished stage
     assert capsys.readouterr().out.count("done already") == len(STAGES)
     with pytest.raises(ValueError, match="other settings"):
-        from boomerang_jax.demo import DemoSettings, run_demo
+        from boomerang_jax.demo.run import DemoSettings, run_demo
 
         run_demo(DemoSettings.quick_settings(out=str(out), steps=4))

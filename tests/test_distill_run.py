@@ -182,7 +182,7 @@ def test_shipped_configs_load():
 def test_interpolate_reads_the_family_straight_from_a_training_checkpoint(setup):
     from boomerang_jax.cli import main as cli_main
     from boomerang_jax.distill.train import run_distillation
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.load import load_hf
 
     root, teacher = setup
     run_distillation(load_run_config(write_config(root, teacher, "fam", total_steps=2), ["run.eval_every=0"]))

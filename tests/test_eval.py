@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to_drop, shortgpt_family
+from boomerang_jax.surgery.baselines import block_influence, drop_layers, layers_to_drop, shortgpt_family
 from boomerang_jax.eval.perplexity import perplexity, summarise
-from boomerang_jax.hf.checkpoint import load_hf
+from boomerang_jax.hf.load import load_hf
 from boomerang_jax.models.transformer import forward
 from tests.conftest import WORDS, save_tiny, torch_logits, word_model
 
@@ -146,7 +146,7 @@ def _stand_in_case(ck, plan):
 
 
 def test_by_loss_order_patches_the_worst_stand_in_first(tiny):
-    from boomerang_jax.eval.patch_order import block_scores, by_loss_order
+    from boomerang_jax.surgery.orders import block_scores, by_loss_order
     from boomerang_jax.surgery import LayerPlan
 
     _, ck = tiny
@@ -181,7 +181,7 @@ def _reference_kl(model, teacher, batch) -> float:
 
 
 def test_kl_greedy_order_patches_at_each_step_the_block_that_brings_the_model_closest_to_the_teacher(tiny):
-    from boomerang_jax.eval.patch_order import kl_greedy_order
+    from boomerang_jax.surgery.orders import kl_greedy_order
     from boomerang_jax.surgery import LayerPlan, interpolate, patched_for, prune
 
     _, ck = tiny
@@ -226,7 +226,7 @@ def test_interpolate_orders_from_calibration_text_are_recorded_in_the_family(tmp
     import json as _json
 
     from boomerang_jax.cli import main as cli_main
-    from boomerang_jax.family import plan_files
+    from boomerang_jax.surgery.family_export import plan_files
     from boomerang_jax.hf.export import save_hf
     from boomerang_jax.surgery import LayerPlan, patched_for
 

@@ -13,13 +13,20 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
-from boomerang_jax import family as fam
-from boomerang_jax.hf.checkpoint import CheckpointError, load_hf
 from boomerang_jax.hf.export import save_hf
+from boomerang_jax.hf.load import CheckpointError, load_hf
 from boomerang_jax.models.transformer import forward
 from boomerang_jax.surgery import (
-    LayerPlan, Model, PlanError, SurgeryError, count_params, interpolate, patched_for, prune,
+    LayerPlan,
+    Model,
+    PlanError,
+    SurgeryError,
+    count_params,
+    interpolate,
+    patched_for,
+    prune,
 )
+from boomerang_jax.surgery import family_export as fam
 from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
 
 SPECS = {k: EIGHT_LAYER_CONFIGS[k] for k in ("llama-tied", "qwen3-untied", "neox")}

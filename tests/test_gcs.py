@@ -1,6 +1,6 @@
 """gs:// end to end against a real GCS JSON API on loopback (fake-gcs-server, see tests/gcs_emulator.py).
 
-Clients exercised: gcsfs (boomerang_jax.storage: HF import/export, family export, metrics, prepared data
+Clients exercised: gcsfs (boomerang_jax.infra.storage: HF import/export, family export, metrics, prepared data
 metadata), tensorstore (orbax checkpoints), array_record's own GCS reader (grain data source) and
 google-cloud-storage (tensorboardX event files).
 """
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
-from boomerang_jax import family as fam
-from boomerang_jax import storage
-from boomerang_jax.hf.checkpoint import CheckpointError, load_hf
 from boomerang_jax.hf.export import ExportError, save_hf
+from boomerang_jax.hf.load import CheckpointError, load_hf
+from boomerang_jax.infra import storage
 from boomerang_jax.surgery import LayerPlan, prune
+from boomerang_jax.surgery import family_export as fam
 from tests.conftest import build_hf_model
 from tests.test_distill_run import losses, make_teacher_and_data, write_config
 

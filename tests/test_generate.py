@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from boomerang_jax.hf.checkpoint import load_hf
+from boomerang_jax.hf.load import load_hf
 from boomerang_jax.models.generate import generate, greedy_generate
 from boomerang_jax.models.transformer import forward, init_cache
 from tests.conftest import save_tiny, torch_logits

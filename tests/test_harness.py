@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from boomerang_jax.eval.harness import (
-    cloze_questions, lm_eval_command, merge_into_csv, run_harness, write_multiple_choice_task,
+    cloze_questions,
+    lm_eval_command,
+    merge_into_csv,
+    run_harness,
+    write_multiple_choice_task,
 )
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.models.config import ModelConfig

@@ -14,8 +14,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from boomerang_jax.hf import names
-from boomerang_jax.hf.checkpoint import CheckpointError, load_hf
 from boomerang_jax.hf.export import ExportError, params_getter, save_hf
+from boomerang_jax.hf.load import CheckpointError, load_hf
 from boomerang_jax.hf.safetensors_io import SafetensorsError, SafetensorsFile
 from boomerang_jax.models.config import ConfigError, ModelConfig
 from boomerang_jax.models.transformer import forward
@@ -119,7 +119,7 @@ def test_legacy_config_keys_are_read():
     c = ModelConfig.from_hf(cfg)
     assert (c.rotary_dim, c.rope_theta) == (4, 500.0)
     llama = dict(TINY_CONFIGS["llama-gqa3-tied-llama3rope"])
-    rp = llama.pop("rope_parameters")
+    rp = dict(llama.pop("rope_parameters"))  # a copy: TINY_CONFIGS is shared by every test
     llama.update(rope_theta=rp.pop("rope_theta"), rope_scaling={"type": rp.pop("rope_type"), **rp})
     c = ModelConfig.from_hf(llama)
     assert (c.rope_type, c.rope_factor, c.rope_original_max_positions) == ("llama3", 8.0, 16)

@@ -33,9 +33,9 @@ def _train(mesh_spec: str, devices=None, process_rows: bool = False):
     """STEPS steps of the tiny distillation setup; returns (per-step metrics, final params on host)."""
     import jax
 
-    from boomerang_jax import parallel
     from boomerang_jax.distill.loss import LossConfig
     from boomerang_jax.distill.step import Distiller, TrainConfig
+    from boomerang_jax.infra import parallel
     from tests.test_step import make_batch, tiny_setup
 
     cfg, tparams, plan, student = tiny_setup()
@@ -80,7 +80,7 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str, mode: s
 
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_platforms", "cpu")
-    from boomerang_jax import parallel
+    from boomerang_jax.infra import parallel
 
     started = parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id, timeout_s=60)
     assert started and jax.process_count() == num_processes and jax.process_index() == process_id
@@ -106,7 +106,7 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str, mode: s
 
 @pytest.mark.parametrize("mode", ["ordered", "permuted"])
 def test_two_processes_train_like_one(tmp_path, mode):
-    from boomerang_jax import parallel
+    from boomerang_jax.infra import parallel
 
     port = parallel.free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from boomerang_jax import parallel
+from boomerang_jax.infra import parallel
+from boomerang_jax.infra.parallel import MeshConfig, MeshError
+from boomerang_jax.models import sharding
 from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.sharding import partition_spec
 from boomerang_jax.models.transformer import param_shapes
-from boomerang_jax.parallel import MeshConfig, MeshError, partition_spec
 from tests.conftest import TINY_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +106,7 @@ def test_dims_that_do_not_divide_fall_back_to_replication():
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_every_parameter_of_every_family_has_a_rule(name):
     c = ModelConfig.from_hf(TINY_CONFIGS[name])
-    specs = parallel.param_specs(param_shapes(c), c, MESH222)
+    specs = sharding.param_specs(param_shapes(c), c, MESH222)
     flat = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     assert flat and all(isinstance(s, P) for s in flat)
     for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
@@ -118,8 +120,8 @@ def test_unknown_parameter_has_no_rule():
 
 
 def test_without_fsdp_drops_only_fsdp():
-    assert parallel.without_fsdp(P("tensor", "fsdp")) == P("tensor", None)
-    assert parallel.without_fsdp(P(None, "fsdp", "tensor")) == P(None, None, "tensor")
+    assert sharding.without_fsdp(P("tensor", "fsdp")) == P("tensor", None)
+    assert sharding.without_fsdp(P(None, "fsdp", "tensor")) == P(None, None, "tensor")
 
 
 # -------------------------------------------------------------------------------------------------- batch
@@ -176,7 +178,8 @@ _EIGHT_DEVICE_CHECKS = r"""
 import json
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from boomerang_jax import parallel
+from boomerang_jax.infra import parallel
+from boomerang_jax.models import sharding
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import init_params
 
@@ -187,7 +190,7 @@ out["shape"] = parallel.mesh_shape(mesh)
 cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
 params = init_params(cfg, jax.random.key(0))
-sharded = parallel.put(params, parallel.param_shardings(params, cfg, mesh), "bfloat16")
+sharded = parallel.put(params, sharding.param_shardings(params, cfg, mesh), "bfloat16")
 full = sum(x.size * 2 for x in jax.tree.leaves(sharded))
 per_device = parallel.bytes_per_device(sharded)
 out["full_bytes"], out["max_device_bytes"] = full, max(per_device.values())

@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from boomerang_jax.surgery import (
-    LayerPlan, PlanError, SurgeryError, family, first_to_last, last_to_first, layout, num_steps, patch_sequence,
+    LayerPlan,
+    PlanError,
+    SurgeryError,
+    family,
+    first_to_last,
+    last_to_first,
+    layout,
+    num_steps,
+    patch_sequence,
     patched_for,
 )
 

@@ -13,8 +13,8 @@ import pytest
 
 from boomerang_jax.cli import main as cli_main
 from boomerang_jax.distill.config import RunConfigError, load_run_config
-from boomerang_jax.planning import PlanningError, activation_parts, plan_memory, run_flops, run_shape
-from boomerang_jax.topology import TopologyError, parse_topology
+from boomerang_jax.infra.topology import TopologyError, parse_topology
+from boomerang_jax.pod.planning import PlanningError, activation_parts, plan_memory, run_flops, run_shape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/paper-*.yaml"))
@@ -24,12 +24,12 @@ CONFIGS = sorted(REPO.glob("configs/paper-*.yaml"))
 _ALLOCATE = r"""
 import json, sys
 import jax, numpy as np
-from boomerang_jax import parallel
+from boomerang_jax.infra import parallel
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import Distiller, TrainConfig
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import init_params
-from boomerang_jax.planning import RunShape, state_bytes
+from boomerang_jax.pod.planning import RunShape, state_bytes
 from boomerang_jax.surgery import LayerPlan, prune
 
 teacher = ModelConfig.from_hf(dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,

@@ -35,9 +35,9 @@ def worker(config: str, process_id: int, port: int, out_dir: str, max_steps: int
     jax.config.update("jax_num_cpu_devices", 1)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_preemption_service", service == "jax")
-    from boomerang_jax import parallel
     from boomerang_jax.distill.config import load_run_config
     from boomerang_jax.distill.train import _Preemption, run_distillation
+    from boomerang_jax.infra import parallel
 
     assert parallel.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
     lines: list[str] = []
@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
 
 
 def _start(config: Path, out: Path, max_steps: int, service: str, tag: str) -> list[subprocess.Popen]:
-    from boomerang_jax import parallel
+    from boomerang_jax.infra import parallel
 
     port = parallel.free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")

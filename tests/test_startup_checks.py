@@ -168,7 +168,7 @@ def test_held_out_batches_are_not_split_by_the_training_micro_batches(setup):
 def test_put_batch_keeps_the_training_contract_and_put_eval_batch_does_not_split():
     stdout = run_with_devices(r"""
 import json
-from boomerang_jax import parallel
+from boomerang_jax.infra import parallel
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import Distiller, TrainConfig
 from tests.test_step import make_batch, tiny_setup

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from boomerang_jax import parallel, surgery
+from boomerang_jax import surgery
 from boomerang_jax.distill.loss import LossConfig, distill_loss
 from boomerang_jax.distill.step import (
     Distiller,
@@ -26,6 +26,7 @@ from boomerang_jax.distill.step import (
     make_optimizer,
     patch_schedule,
 )
+from boomerang_jax.infra import parallel
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import forward, head_kernel, param_shapes
 
@@ -308,7 +309,7 @@ def test_patch_aware_steps_compile_once_per_size_and_lower_the_hybrids_kl():
 # ------------------------------------------------------------------------------------- 8 forced CPU devices
 _EIGHT_DEVICES = r"""
 import json, jax, numpy as np
-from boomerang_jax import parallel
+from boomerang_jax.infra import parallel
 from tests.test_step import run_steps
 assert len(jax.devices()) == 8
 losses, params, d, teacher, state = run_steps("data=2,fsdp=2,tensor=2", None, n_steps=1, micro_batches=1)

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
-from boomerang_jax.hf.checkpoint import load_hf
 from boomerang_jax.hf.export import save_hf
+from boomerang_jax.hf.load import load_hf
 from boomerang_jax.models.transformer import forward, param_shapes
 from boomerang_jax.surgery import (
-    LayerPlan, Model, SurgeryError, count_params, first_to_last, interpolate, last_to_first, prune,
+    LayerPlan,
+    Model,
+    SurgeryError,
+    count_params,
+    first_to_last,
+    interpolate,
+    last_to_first,
+    prune,
 )
 from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
 

@@ -13,7 +13,7 @@ from boomerang_jax.data.prepare import prepare_dataset
 from boomerang_jax.data.sources import open_source
 from boomerang_jax.data.teacher_text import sample_documents
 from boomerang_jax.data.tokenize import DocumentEncoder
-from boomerang_jax.hf.checkpoint import load_hf
+from boomerang_jax.hf.load import load_hf
 from tests.conftest import word_model
 
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 import grain
+import numpy as np
 from grain.experimental import (
     ConcatThenSplitIterDataset,
     FirstFitPackIterDataset,

@@ -26,12 +26,12 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
+import grain
 import numpy as np
 
-import grain
-from boomerang_jax.data import io as dio
 from boomerang_jax.data.packing import PACKINGS, document_features, pack, pad_batch
 from boomerang_jax.data.prepare import Metadata
+from boomerang_jax.infra import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,5 +192,5 @@ def dataset_info(path: str) -> dict[str, Any]:
         "tokenizer": meta.tokenizer,
         "splits": {k: {"num_docs": v["num_docs"], "num_tokens": v["num_tokens"], "num_shards": len(v["shards"])}
                    for k, v in meta.splits.items()},
-        "remote": dio.is_remote(path),
+        "remote": storage.is_remote(path),
     }

@@ -1,6 +1,6 @@
 """`boomerang prepare-data`: tokenise a document source into ArrayRecord shards of token ids.
 
-Layout of a prepared dataset directory (local now; gs:// via data.io):
+Layout of a prepared dataset directory (local or gs://, through infra.storage):
   metadata.json                    format, tokenizer (vocab, EOS/BOS ids), dtype, per-split shard list;
                                    written last, so a directory without it is incomplete
   <split>-00000.array_record ...   one record per document: its token ids as raw little-endian `dtype`
@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from boomerang_jax.data import io as dio
+from boomerang_jax.infra import storage
 
 FORMAT = "boomerang-tokens/1"
 METADATA = "metadata.json"
@@ -47,14 +47,14 @@ class Metadata:
     @classmethod
     def load(cls, path: str) -> "Metadata":
         """Read `<path>/metadata.json`, with clear errors for incomplete or foreign directories."""
-        meta_path = dio.join(path, METADATA)
-        if not dio.exists(meta_path):
+        meta_path = storage.join(path, METADATA)
+        if not storage.exists(meta_path):
             raise FileNotFoundError(
                 f"{meta_path} not found: {path!r} is not a prepared dataset (or preparation did not finish); "
                 "create one with `boomerang prepare-data`"
             )
         try:
-            raw = json.loads(dio.read_text(meta_path))
+            raw = json.loads(storage.read_text(meta_path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: invalid JSON ({e.msg})") from e
         if raw.get("format") != FORMAT:
@@ -65,7 +65,7 @@ class Metadata:
     def shard_paths(self, root: str, split: str) -> list[str]:
         if split not in self.splits:
             raise KeyError(f"split {split!r} not in the prepared dataset at {root} (have {sorted(self.splits)})")
-        return [dio.join(root, s["file"]) for s in self.splits[split]["shards"]]
+        return [storage.join(root, s["file"]) for s in self.splits[split]["shards"]]
 
 
 class _ShardWriter:
@@ -80,7 +80,7 @@ class _ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         fname = f"{self.split}-{len(self.shards):05d}{SHARD_SUFFIX}"
-        self._writer = ArrayRecordWriter(dio.join(self.local_dir, fname), WRITER_OPTIONS)
+        self._writer = ArrayRecordWriter(storage.join(self.local_dir, fname), WRITER_OPTIONS)
         self.shards.append({"file": fname, "num_docs": 0, "num_tokens": 0})
 
     def write(self, ids: np.ndarray) -> None:
@@ -130,15 +130,15 @@ def prepare_dataset(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction > 0 and val_split == split:
         raise ValueError(f"the validation split needs a name other than {split!r}")
-    meta_path = dio.join(out_dir, METADATA)
-    if dio.exists(meta_path):
+    meta_path = storage.join(out_dir, METADATA)
+    if storage.exists(meta_path):
         if not overwrite:
             raise FileExistsError(f"{meta_path} exists; pass overwrite=True (--overwrite) to replace the dataset")
         old = Metadata.load(out_dir)
-        dio.remove(meta_path)  # first, so that a crash from here on leaves the directory marked incomplete
+        storage.remove(meta_path)  # first, so that a crash from here on leaves the directory marked incomplete
         for sp in old.splits:
             for p in old.shard_paths(out_dir, sp):
-                dio.remove(p)
+                storage.remove(p)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dtype = token_dtype(encoder.vocab_size)
     rng = np.random.default_rng(seed)
@@ -156,7 +156,7 @@ def prepare_dataset(
             n_docs += 1
             yield text
 
-    with dio.staged_dir(out_dir) as local:
+    with storage.staged_dir(out_dir) as local:
         writers = {split: _ShardWriter(local, split, dtype, shard_tokens)}
         if val_fraction > 0:
             writers[val_split] = _ShardWriter(local, val_split, dtype, shard_tokens)
@@ -181,7 +181,7 @@ def prepare_dataset(
         source=source,
         options={"val_fraction": val_fraction, "seed": seed, "skipped_empty_docs": n_skipped},
     )
-    dio.write_text_atomic(meta_path, meta.to_json())
+    storage.write_text_atomic(meta_path, meta.to_json())
     return meta
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from boomerang_jax.data import io as dio
+from boomerang_jax.infra import storage
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -40,17 +40,17 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         paths = [str(paths)]
     files: list[str] = []
     for p in map(str, paths):
-        if dio.has_glob(p):
-            matches = [f for f in dio.glob(p) if not dio.is_dir(f)]
+        if storage.has_glob(p):
+            matches = [f for f in storage.glob(p) if not storage.is_dir(f)]
             if not matches:
                 raise SourceError(f"no files match {p!r}")
             files += matches
-        elif dio.is_dir(p):
-            matches = [f for f in dio.walk_files(p) if _suffix(f) in SUPPORTED_SUFFIXES]
+        elif storage.is_dir(p):
+            matches = [f for f in storage.walk_files(p) if _suffix(f) in SUPPORTED_SUFFIXES]
             if not matches:
                 raise SourceError(f"no {'/'.join(SUPPORTED_SUFFIXES)} files (optionally .gz) under {p!r}")
             files += matches
-        elif dio.exists(p):
+        elif storage.exists(p):
             files.append(p)
         else:
             raise SourceError(f"no such file or directory: {p!r}")
@@ -61,7 +61,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
 
 
 def _read_text_file(path: str) -> str:
-    with dio.open_binary(path) as f:
+    with storage.open_binary(path) as f:
         data = f.read()
     if path.endswith(".gz"):
         data = gzip.decompress(data)
@@ -91,7 +91,7 @@ def _record_text(record: Any, field: str, where: str) -> str:
 
 
 def _iter_jsonl(path: str, field: str) -> Iterator[str]:
-    with dio.open_binary(path) as raw:
+    with storage.open_binary(path) as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
             if not line.strip():
@@ -206,7 +206,7 @@ def iter_tfds(
     """
     import tensorflow_datasets as tfds
 
-    if dio.exists(dio.join(name, "dataset_info.json")):
+    if storage.exists(storage.join(name, "dataset_info.json")):
         source = tfds.builder_from_directory(name).as_data_source(split=split)
     else:
         source = tfds.data_source(name, split=split, data_dir=data_dir)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from boomerang_jax import storage
+from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.generate import generate
 from boomerang_jax.models.transformer import Params

@@ -57,8 +57,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     if "://" in spec:  # gs://: fetch only the tokenizer files (cached), not the weights
-        from boomerang_jax import storage
-        from boomerang_jax.hf.checkpoint import TOKENIZER_FILES
+        from boomerang_jax.hf.load import TOKENIZER_FILES
+        from boomerang_jax.infra import storage
 
         scheme, bucket, key = storage.split_url(spec)
         spec = str(storage.local_copy(spec, include=[*TOKENIZER_FILES, "config.json"], what="tokenizer directory",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from boomerang_jax import storage
+from boomerang_jax.infra import storage
 
 ITEMS = ("state", "data", "meta")
 # Distributions whose versions a checkpoint records (the packages that decide its numerics, layout and data order).
@@ -152,10 +152,10 @@ def read_student_checkpoint(path: str | Path) -> Any:
     Local or `gs://`. Returns None when `path` is not a distillation checkpoint (so other readers can try).
     """
     from boomerang_jax.distill.step import TrainConfig, TrainState, make_optimizer
-    from boomerang_jax.family import source_from_params
     from boomerang_jax.models.config import ModelConfig
     from boomerang_jax.models.transformer import param_shapes
     from boomerang_jax.surgery import LayerPlan
+    from boomerang_jax.surgery.family_export import source_from_params
 
     found = _checkpoint_dir_and_step(str(path) if storage.is_remote(path) else os.path.abspath(path))
     if found is None:

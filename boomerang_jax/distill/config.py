@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from boomerang_jax import storage
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import TrainConfig
+from boomerang_jax.infra import storage
 
 
 class RunConfigError(ValueError):

@@ -10,7 +10,7 @@ Batch contract (what the data pipeline yields, one dict per step, every array [B
                  in its segment), 1 (or a weight) elsewhere
 
 The step (`Distiller.step`) is one `jax.jit` with explicit NamedShardings: the batch is split over
-("data", "fsdp"), parameters follow `boomerang_jax.parallel`'s rules, the teacher lives on the same mesh in
+("data", "fsdp"), parameters follow `boomerang_jax.infra.parallel`'s rules, the teacher lives on the same mesh in
 bf16 and the train state is donated. Each micro-batch runs the teacher forward (no gradient, no logits), the
 student forward (remat policy configurable) and the chunked loss from final hidden states + LM heads; the
 gradients of k micro-batches are accumulated in a `lax.scan`, weighted so that the result equals one step on
@@ -31,8 +31,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boomerang_jax import parallel
 from boomerang_jax.distill.loss import LossConfig, distill_loss
+from boomerang_jax.infra import parallel
+from boomerang_jax.models import sharding
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import (
     REMAT_POLICIES,
@@ -295,8 +296,8 @@ class Distiller:
         student_shapes = param_shapes(student_config, jnp.dtype(train_cfg.param_dtype))
         teacher_shapes = param_shapes(teacher_config, jnp.dtype(train_cfg.teacher_dtype))
         self._shapes = {"student": student_shapes, "teacher": teacher_shapes}
-        self.param_shardings = parallel.param_shardings(student_shapes, student_config, mesh)
-        self.teacher_shardings = parallel.param_shardings(teacher_shapes, teacher_config, mesh)
+        self.param_shardings = sharding.param_shardings(student_shapes, student_config, mesh)
+        self.teacher_shardings = sharding.param_shardings(teacher_shapes, teacher_config, mesh)
         opt_shapes = jax.eval_shape(self.optimizer.init, student_shapes)
         self.state_shardings = TrainState(
             params=self.param_shardings,
@@ -379,7 +380,7 @@ class Distiller:
         """Gather the embedding over fsdp before use (kept vocab-parallel over tensor): the token lookup then
         yields batch-sharded activations directly instead of an fsdp-sharded hidden dim."""
         emb = shardings["embed"]["embedding"]
-        gathered = NamedSharding(self.mesh, parallel.without_fsdp(emb.spec))
+        gathered = NamedSharding(self.mesh, sharding.without_fsdp(emb.spec))
         return {**params, "embed": {**params["embed"], "embedding": jax.lax.with_sharding_constraint(
             params["embed"]["embedding"], gathered)}}
 

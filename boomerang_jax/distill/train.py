@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from boomerang_jax import parallel, storage
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like, check_versions
 from boomerang_jax.distill.config import RunConfigError, loss_config, run_settings, train_config
 from boomerang_jax.distill.step import Distiller, TrainState
+from boomerang_jax.infra import parallel, storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
 from boomerang_jax.surgery import LayerPlan, SurgeryError, check_compatible, count_params, prune
@@ -284,9 +284,9 @@ def run_distillation(cfg: Mapping[str, Any], *, log: Callable[[str], None] = par
     `max_steps` stops early after that many steps of this invocation (tests, smoke runs); the schedule
     still follows `train.total_steps`. Returns a summary with status 'finished' or 'preempted'.
     """
-    from boomerang_jax.family import save_student, source_from_params
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.load import load_hf
     from boomerang_jax.hf.sources import load_model
+    from boomerang_jax.surgery.family_export import save_student, source_from_params
 
     settings, tcfg, lcfg = run_settings(cfg), train_config(cfg), loss_config(cfg)
     run_dir = str(settings.dir)  # local path or gs:// URL

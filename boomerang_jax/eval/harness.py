@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from boomerang_jax import storage
+from boomerang_jax.infra import storage
 
 _WORD = re.compile(r"^[A-Za-z]{4,}$")
 
@@ -79,7 +79,7 @@ def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_p
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from boomerang_jax.hf.checkpoint import resolve_dir
+    from boomerang_jax.hf.load import resolve_dir
 
     if storage.is_remote(model_dir):
         model_dir = resolve_dir(model_dir)
@@ -99,7 +99,7 @@ def run_harness(model_dir: str | os.PathLike, tasks: Sequence[str], *, include_p
 
 def family_sizes(family_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The size entries of a family.json (each has 'dir', 'num_layers', 'params', ...); local or gs://."""
-    from boomerang_jax.family import read_family
+    from boomerang_jax.surgery.family_export import read_family
 
     return read_family(family_dir)["sizes"]
 

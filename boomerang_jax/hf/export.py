@@ -1,6 +1,6 @@
 """Write a model as an HF directory: sharded safetensors + index, config.json, generation config, tokenizer.
 
-Local or `gs://` (boomerang_jax.storage.publish_dir): locally the directory is assembled in a hidden
+Local or `gs://` (boomerang_jax.infra.storage.publish_dir): locally the directory is assembled in a hidden
 temporary sibling and renamed into place at the end, so a killed export never looks complete and an existing
 good export is only replaced by a finished one. On a bucket every object is uploaded before `config.json`
 (the marker readers require), so a killed upload leaves no directory that looks like a model.
@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from boomerang_jax import storage
 from boomerang_jax.hf import names
-from boomerang_jax.hf.checkpoint import CheckpointError, check_finite, np_dtype
-from boomerang_jax.hf.safetensors_io import TensorSpec, write_safetensors, dtype_name
+from boomerang_jax.hf.load import CheckpointError, check_finite, np_dtype
+from boomerang_jax.hf.safetensors_io import TensorSpec, dtype_name, write_safetensors
+from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig, to_hf
 from boomerang_jax.models.transformer import Params
 

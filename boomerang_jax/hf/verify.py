@@ -48,7 +48,7 @@ def verify_export(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from boomerang_jax.hf.checkpoint import load_hf, resolve_dir
+    from boomerang_jax.hf.load import load_hf, resolve_dir
     from boomerang_jax.models.transformer import forward
 
     if tokens is None:
@@ -81,8 +81,8 @@ def verify_export(
 def verify_target(path: str | os.PathLike, **kwargs: Any) -> list[VerifyReport]:
     """Verify an HF directory, or every size of a family directory (which must hold its family.json: a family
     export without it did not finish). Local or `gs://`."""
-    from boomerang_jax import storage
-    from boomerang_jax.family import FAMILY_FILE, read_family
+    from boomerang_jax.infra import storage
+    from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
 
     if storage.exists(storage.join(path, FAMILY_FILE)):
         return [verify_export(storage.join(path, size["dir"]), **kwargs) for size in read_family(path)["sizes"]]

@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from boomerang_jax.models.config import ModelConfig
 

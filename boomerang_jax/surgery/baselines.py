@@ -8,7 +8,8 @@ so they are dropped first. (The other baseline, naive pruning, is `surgery.prune
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
 `boomerang plan-memory --config configs/paper-qwen3-8b-base.yaml --topology v5p-128` prints, per device:
 student parameters, AdamW state, gradients, the frozen teacher, gathered weights and activations. The first
-four are exact: the same partition rules (`boomerang_jax.parallel`) and optimizer-state shardings
+four are exact: the same partition rules (`boomerang_jax.infra.parallel`) and optimizer-state shardings
 (`distill.step`) as the train step, evaluated on an abstract mesh of the topology's shape, so they equal the
 bytes the step allocates (tests/test_planning.py checks this on a CPU mesh). Gathered weights and activations
 are estimates from the model shapes, the micro-batch and the remat policy (see `activation_parts`); XLA's
@@ -22,15 +22,17 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from boomerang_jax import parallel, storage
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import TrainConfig, _opt_state_shardings, make_optimizer
+from boomerang_jax.infra import parallel, storage
+from boomerang_jax.infra.topology import GIB, Topology, parse_topology
+from boomerang_jax.models import sharding
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
 from boomerang_jax.surgery import LayerPlan, count_params
-from boomerang_jax.topology import GIB, Topology, parse_topology
 
 USABLE_HBM = 0.90  # leave ~10% for XLA's scratch, fragmentation and the runtime
 DEFAULT_MFU = 0.40  # the MFU the guide's time estimates assume
@@ -129,8 +131,8 @@ def state_bytes(shape: RunShape, sizes: Mapping[str, int]) -> dict[str, int]:
     t_shapes = _param_shapes(shape.teacher, shape.train.teacher_dtype)
     named = lambda specs: jax.tree.map(lambda p: NamedSharding(mesh, p), specs,  # noqa: E731
                                        is_leaf=lambda p: isinstance(p, P))
-    s_sh = named(parallel.param_specs(s_shapes, shape.student, dict(sizes)))
-    t_sh = named(parallel.param_specs(t_shapes, shape.teacher, dict(sizes)))
+    s_sh = named(sharding.param_specs(s_shapes, shape.student, dict(sizes)))
+    t_sh = named(sharding.param_specs(t_shapes, shape.teacher, dict(sizes)))
     opt_shapes = jax.eval_shape(make_optimizer(shape.train).init, s_shapes)
     opt_sh = _opt_state_shardings(opt_shapes, s_shapes, s_sh, mesh)
     return {"params": per_device_bytes(s_shapes, s_sh), "opt_state": per_device_bytes(opt_shapes, opt_sh),
@@ -140,7 +142,7 @@ def state_bytes(shape: RunShape, sizes: Mapping[str, int]) -> dict[str, int]:
 def _layer_bytes(config: ModelConfig, dtype: Any, sizes: Mapping[str, int]) -> int:
     """Bytes of one layer's weights after the fsdp all-gather (still split over tensor)."""
     shapes = _param_shapes(config.replace(num_layers=1), dtype)["layers"]
-    specs = parallel.param_specs({"layers": shapes}, config, dict(sizes))["layers"]
+    specs = sharding.param_specs({"layers": shapes}, config, dict(sizes))["layers"]
     total = 0
     for x, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda p: isinstance(p, P))):
         n = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize

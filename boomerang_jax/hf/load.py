@@ -13,9 +13,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from boomerang_jax import storage
 from boomerang_jax.hf import names
 from boomerang_jax.hf.safetensors_io import SafetensorsFile
+from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params, param_shapes
 

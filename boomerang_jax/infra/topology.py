@@ -139,4 +139,4 @@ def parse_topology(name: str) -> Topology:
     m = re.match(r"^cpu-(\d+)$", spec)
     if m:
         return Topology(spec, "cpu", Generation("cpu", 0, 0.0), int(m.group(1)), 1)
-    raise TopologyError(f"unknown topology {name!r}; examples: {', '.join(COMMON)} (see boomerang_jax/topology.py)")
+    raise TopologyError(f"unknown topology {name!r}; examples: {', '.join(COMMON)} (see boomerang_jax/infra/topology.py)")

@@ -7,7 +7,7 @@ Stages (each skipped when its output is complete; `--fresh` starts over):
   distill  the paper's plan and loss, resumable from its own checkpoints
   family   the family exported as HF directories + family.json, in the `kl-greedy` patch order (KLPatch: each
            step patches the block that brings the model closest to the teacher, KL on the speeches' validation
-           split, the ShortGPT baseline's calibration text; boomerang_jax.eval.patch_order);
+           split, the ShortGPT baseline's calibration text; boomerang_jax.surgery.orders);
            `--order last-to-first` gives the paper's fixed order
   eval     perplexity of every size on the held-out text, for the boomerang family and two baselines at the
            same layer counts: naive pruning (the undistilled student, interpolated the same way) and
@@ -133,7 +133,7 @@ def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, A
     from boomerang_jax.data.prepare import prepare_dataset
     from boomerang_jax.data.sources import open_source
     from boomerang_jax.data.teacher_text import write_teacher_text
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.load import load_hf
 
     teacher = load_hf(out / "teacher")
     docs = -(-s.teacher_text_budget // s.teacher_text_length)
@@ -184,8 +184,8 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.eval.patch_order import DATA_ORDERS, order_from_data
-    from boomerang_jax.family import export_family, materialise, open_source, parse_sizes
+    from boomerang_jax.surgery.family_export import export_family, materialise, open_source, parse_sizes
+    from boomerang_jax.surgery.orders import DATA_ORDERS, order_from_data
 
     student = read_student_checkpoint(out / "distill")
     teacher = open_source(out / "teacher")
@@ -219,11 +219,11 @@ def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[
 def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     """Perplexity of every size of the three methods; rows appended to eval.jsonl as they finish (resumable)."""
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.family import materialise
-    from boomerang_jax.eval.baselines import block_influence, drop_layers, layers_to_drop
     from boomerang_jax.eval.perplexity import perplexity
-    from boomerang_jax.hf.checkpoint import load_hf
+    from boomerang_jax.hf.load import load_hf
     from boomerang_jax.surgery import count_params, interpolate, num_steps, patched_for, prune
+    from boomerang_jax.surgery.baselines import block_influence, drop_layers, layers_to_drop
+    from boomerang_jax.surgery.family_export import materialise
 
     family = json.loads((out / "family" / "family.json").read_text())
     rows_path = out / "eval.jsonl"
@@ -278,7 +278,7 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.demo_report import write_report
+    from boomerang_jax.demo.run.report import write_report
     from boomerang_jax.hf.verify import verify_export
 
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 
 Tensors stream from memory-mapped safetensors (or in-memory params) straight into each size's files, layer by
 layer, so peak host memory is about teacher + student whatever the number of sizes. Output and inputs may be
-local or `gs://` (boomerang_jax.storage). Locally the whole family is assembled in a hidden sibling directory
+local or `gs://` (boomerang_jax.infra.storage). Locally the whole family is assembled in a hidden sibling directory
 and renamed into place at the end: a failed run leaves any previous family untouched. On a bucket each size
 is uploaded as soon as it is written (its config.json last) and `family.json` goes up at the very end, after
 every size: readers require it, so an interrupted export never looks complete (an interrupted `--overwrite`
@@ -20,23 +20,47 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from boomerang_jax import storage
 from boomerang_jax.hf import names
-from boomerang_jax.hf.checkpoint import (
-    TOKENIZER_FILES, CheckpointError, np_dtype, read_json, resolve_dir, safetensors_files,
+from boomerang_jax.hf.export import (
+    COMMIT_ORDER,
+    DEFAULT_MAX_SHARD_BYTES,
+    LeafGetter,
+    params_getter,
+    save_hf,
 )
-from boomerang_jax.hf.export import COMMIT_ORDER, DEFAULT_MAX_SHARD_BYTES, LeafGetter, params_getter, save_hf
+from boomerang_jax.hf.load import (
+    TOKENIZER_FILES,
+    CheckpointError,
+    np_dtype,
+    read_json,
+    resolve_dir,
+    safetensors_files,
+)
 from boomerang_jax.hf.safetensors_io import SafetensorsFile
+from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params
 from boomerang_jax.surgery import (
-    ORDERS, STUDENT, TEACHER, LayerPlan, Layout, Order, SurgeryError, check_compatible, count_params,
-    interpolated_config, layout, num_steps, patch_sequence, patched_for,
+    ORDERS,
+    STUDENT,
+    TEACHER,
+    LayerPlan,
+    Layout,
+    Order,
+    SurgeryError,
+    check_compatible,
+    count_params,
+    interpolated_config,
+    layout,
+    num_steps,
+    patch_sequence,
+    patched_for,
 )
 
 PLAN_FILE = "boomerang_plan.json"  # the student's LayerPlan, inside its HF directory
@@ -178,7 +202,7 @@ def open_source(spec: str | os.PathLike) -> Source:
     if _looks_like_orbax(path):
         raise FamilyError(
             f"{s}: looks like an orbax training checkpoint, which family export cannot read yet (no reader is "
-            "registered in boomerang_jax.family.CHECKPOINT_READERS). Export the student as an HF directory "
+            "registered in boomerang_jax.surgery.family_export.CHECKPOINT_READERS). Export the student as an HF directory "
             f"(with its {PLAN_FILE}) and pass that instead.")
     from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
 
@@ -442,7 +466,7 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order", default="last-to-first",
                         help="patch order: last-to-first (default), first-to-last, kl-greedy (KLPatch: each step "
                              "patches the block that brings the model closest to the teacher on --calib text), "
-                             "by-loss (one-shot: the worst stand-in block first; boomerang_jax.eval.patch_order), "
+                             "by-loss (one-shot: the worst stand-in block first; boomerang_jax.surgery.orders), "
                              "or the multi-layer blocks as student layer ids, e.g. 4,12,1,...")
     parser.add_argument("--calib", help="calibration data for --order kl-greedy / by-loss: a prepared dataset "
                                          "dir or any source prepare-data reads (text/jsonl, sotu, ...); use training-"
@@ -466,7 +490,7 @@ def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Sour
                       split: str = "train", tokens: int = 8192, seq_len: int = 256,
                       log: Callable[[str], None] | None = None) -> Order:
     """--order as an Order: a name, 'kl-greedy' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
-    from boomerang_jax.eval.patch_order import DATA_ORDERS
+    from boomerang_jax.surgery.orders import DATA_ORDERS
 
     spec = spec.strip()
     if spec in ORDERS:
@@ -475,8 +499,8 @@ def resolve_order_arg(spec: str, plan: LayerPlan, student: Source, teacher: Sour
         if not calib:
             raise FamilyError(f"--order {spec} needs --calib DATA (text to choose the order on; not your "
                               "evaluation text)")
-        from boomerang_jax.eval.command import load_batches
-        from boomerang_jax.eval.patch_order import order_from_data
+        from boomerang_jax.commands.eval import load_batches
+        from boomerang_jax.surgery.orders import order_from_data
 
         batches = load_batches(calib, tokenizer_files=teacher.tokenizer_files or student.tokenizer_files,
                                split=split, seq_len=seq_len, max_tokens=tokens)
@@ -537,8 +561,8 @@ def prune_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m boomerang_jax.family [prune|interpolate] ...` until the CLI wires these in."""
-    parser = argparse.ArgumentParser(prog="python -m boomerang_jax.family")
+    """`python -m boomerang_jax.surgery.family_export [prune|interpolate] ...` until the CLI wires these in."""
+    parser = argparse.ArgumentParser(prog="python -m boomerang_jax.surgery.family_export")
     sub = parser.add_subparsers(dest="command", required=True)
     add_interpolate_arguments(sub.add_parser("interpolate"))
     add_prune_arguments(sub.add_parser("prune"))

@@ -24,7 +24,7 @@ def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
 
     path = Path(spec)
     if path.is_dir() and (path / "family.json").exists():
-        from boomerang_jax.family import read_family
+        from boomerang_jax.surgery.family_export import read_family
 
         family = read_family(path)
         out = []
@@ -35,7 +35,7 @@ def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
     if path.is_dir() and not (path / "config.json").exists():
         source = read_student_checkpoint(path)
         if source is not None:
-            from boomerang_jax.family import materialise
+            from boomerang_jax.surgery.family_export import materialise
 
             return [(source.where, source.config, materialise(source), source.tokenizer_files)]
     ck = load_model(spec, to_device=False)

@@ -31,12 +31,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boomerang_jax import parallel
 from boomerang_jax.distill.step import Distiller, hybrid_arrays
 from boomerang_jax.eval.perplexity import row_nll
-from boomerang_jax.planning import MemoryPlan, RunShape, describe_run, plan_memory
+from boomerang_jax.infra import parallel
+from boomerang_jax.infra.topology import GIB, Topology, parse_topology
+from boomerang_jax.pod.planning import MemoryPlan, RunShape, describe_run, plan_memory
 from boomerang_jax.surgery import patched_first
-from boomerang_jax.topology import GIB, Topology, parse_topology
 
 PROGRAMS = ("train step", "eval step", "teacher forward")
 MIN_MARGIN = 0.10  # presets are chosen to leave at least this share of HBM free (docs/REPRODUCE.md)
@@ -292,7 +292,7 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
 def compile_config(cfg: Mapping[str, Any], topology: Topology | str, **kwargs: Any) -> CompileReport:
     """`compile_run` for a run config (distill/config.py): its models, plan, batch, mesh and eval batch."""
     from boomerang_jax.distill.train import check_batch_config
-    from boomerang_jax.planning import run_shape
+    from boomerang_jax.pod.planning import run_shape
 
     # batch sizes that cannot split over this slice: the same start-up error, naming keys, as `distill` gives
     check_batch_config(cfg, parallel.make_mesh(cfg["mesh"], topology_devices(topology)))
