@@ -447,14 +447,8 @@ def export_family(
 # ---------------------------------------------------------------------------------------------------- CLI
 def _read_plan(spec: str, num_teacher_layers: int) -> LayerPlan:
     """--plan: a JSON file (a plan, or a family.json holding one; local or gs://) or a spec such as
-    'every=2,first=2,last=1'."""
-    if storage.is_remote(spec) or Path(spec).is_file():
-        try:
-            d = json.loads(storage.read_text(spec))
-        except json.JSONDecodeError as e:
-            raise FamilyError(f"{spec}: not valid JSON ({e})") from None
-        return LayerPlan.from_dict(d.get("plan", d) if d.get("format") == FAMILY_FORMAT else d, source=str(spec))
-    return LayerPlan.parse(spec, num_teacher_layers)
+    'every=2,first=2,last=1' (LayerPlan.from_spec, the one plan parser)."""
+    return LayerPlan.from_spec(spec, num_teacher_layers)
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:

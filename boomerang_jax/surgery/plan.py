@@ -11,7 +11,8 @@ for the named orders this keeps the patched set a suffix or prefix. The last ste
 k=0 is exactly the student and k=K exactly the teacher, where K is the number of multi-layer blocks; the paper
 counts k the same way.
 
-Nothing here touches tensors (`boomerang_jax.surgery.transforms` does) or files.
+Nothing here touches tensors (`boomerang_jax.surgery.transforms` does); the only file read is a plan JSON
+given to `LayerPlan.from_spec`, the one parser of user-given plans (CLI --plan, a run config's `plan:`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from boomerang_jax.infra import storage
 
 STUDENT, TEACHER = "student", "teacher"
 ORDERS = ("last-to-first", "first-to-last")
@@ -168,6 +172,33 @@ class LayerPlan:
                                 f"cannot read {part!r}")
             knobs[key.strip()] = _parse_int(value, spec)
         return cls.from_knobs(num_teacher_layers, **knobs)
+
+    @classmethod
+    def from_spec(cls, spec: Any, num_teacher_layers: int, *, source: str = "plan") -> LayerPlan:
+        """The one reader of a plan as users give it: a spec string ('every=2,first=1,last=2', 'kept=0,2,...'),
+        a plan JSON file (a plan, or a family.json holding one; local or gs://), or a mapping: a full plan
+        (`blocks`), `{kept: [...]}` or the knobs `{every, first, last}` (a run config's `plan:`)."""
+        if isinstance(spec, str):
+            if storage.is_remote(spec) or Path(spec).is_file():
+                try:
+                    d = json.loads(storage.read_text(spec))
+                except json.JSONDecodeError as e:
+                    raise PlanError(f"{spec}: not valid JSON ({e})") from None
+                if isinstance(d, dict) and "blocks" not in d and isinstance(d.get("plan"), dict):
+                    d = d["plan"]  # a family.json (or any record) holding its plan
+                return cls.from_dict(d, source=str(spec))
+            return cls.parse(spec, num_teacher_layers)
+        if isinstance(spec, Mapping) and "blocks" in spec:
+            return cls.from_dict(dict(spec), source=source)
+        if isinstance(spec, Mapping) and "kept" in spec:
+            return cls.from_kept(num_teacher_layers, spec["kept"])
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - {"every", "first", "last"})
+            if unknown:
+                raise PlanError(f"{source}: unknown key(s) {unknown}; expected the knobs every, first, last, "
+                                "or kept: [...], or a full plan with blocks")
+            return cls.from_knobs(num_teacher_layers, **spec)
+        raise PlanError(f"{source}: cannot read {spec!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for checkpoints and exports); `kept` is informational and checked on load."""
