@@ -26,7 +26,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from boomerang_jax import parallel  # noqa: E402
+from boomerang_jax.infra import parallel  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
 from boomerang_jax.distill.step import Distiller, TrainConfig  # noqa: E402
 from boomerang_jax.infra.topology import GIB, Generation, Topology  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is part of the test install")
 
-from boomerang_jax import parallel  # noqa: E402
+from boomerang_jax.infra import parallel  # noqa: E402
 from boomerang_jax.cli import main as cli_main  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
 from boomerang_jax.distill.step import TrainConfig  # noqa: E402

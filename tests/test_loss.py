@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from boomerang_jax.distill.loss import LossConfig, chunked_token_nll, distill_loss
+from boomerang_jax.distill.loss import LossConfig, distill_loss
+from boomerang_jax.models.logits import chunked_token_nll
 
 B, T, D, V = 2, 24, 16, 50
 

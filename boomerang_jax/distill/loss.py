@@ -1,4 +1,4 @@
-"""Boomerang distillation loss (ALGORITHM.md section 2), chunked over the sequence.
+"""Boomerang distillation loss (docs/METHOD.md, "The distillation loss"), chunked over the sequence.
 
     L = w_ce * CE(z_S, targets)
       + w_kl * tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))
@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from boomerang_jax.models.logits import check_shapes, chunked_ce_kl
+
 _COS_EPS = 1e-8
 
 
@@ -66,82 +68,7 @@ class LossConfig:
             raise bad("chunk", "an integer > 0 (tokens per logits chunk)")
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _chunk_layout(t: int, chunk: int) -> tuple[int, int, int]:
-    """(effective chunk, number of chunks, padding) for a sequence of length t."""
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, got {chunk}")
-    c = min(chunk, t)
-    n = -(-t // c)
-    return c, n, n * c - t
-
-
-def _to_chunks(x: jax.Array, c: int, n: int, pad: int) -> jax.Array:
-    """[B, T, ...] -> [n, B, c, ...], zero-padding T up to n * c."""
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    b = x.shape[0]
-    x = x.reshape((b, n, c) + x.shape[2:])
-    return jnp.swapaxes(x, 0, 1)
-
-
-def _from_chunks(x: jax.Array, t: int) -> jax.Array:
-    """[n, B, c] -> [B, T] (drops the padding)."""
-    n, b, c = x.shape
-    return jnp.swapaxes(x, 0, 1).reshape(b, n * c)[:, :t]
-
-
-def _logits(hidden: jax.Array, head_f32: jax.Array) -> jax.Array:
-    """hidden [B, c, D] @ head [D, V] in hidden's dtype, float32 result [B, c, V]."""
-    head = head_f32.astype(hidden.dtype)
-    return jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
-
-
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token negative log-likelihood [B, c] from float32 logits [B, c, V]."""
-    v = logits.shape[-1]
-    tgt = jnp.clip(targets, 0, v - 1).astype(jnp.int32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-    return lse - picked
-
-
-def _check_shapes(final: jax.Array, head: jax.Array, name: str) -> None:
-    if final.ndim != 3 or head.ndim != 2 or final.shape[-1] != head.shape[0]:
-        raise ValueError(
-            f"{name}: expected final [B, T, D] and head [D, V], got "
-            f"{final.shape} and {head.shape}"
-        )
-
-
 # ----------------------------------------------------------------------------- public API
-
-
-def chunked_token_nll(
-    final: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 512
-) -> jax.Array:
-    """Per-token NLL [B, T] (float32) of ``targets`` under ``final @ head``, chunked.
-
-    For perplexity/evaluation: never builds [B, T, V] logits. ``final`` is the
-    post-final-norm hidden state [B, T, D], ``head`` the LM head [D, V],
-    ``targets`` [B, T] the next token at each position (out-of-range ids are
-    clipped; mask them out yourself).
-    """
-    _check_shapes(final, head, "chunked_token_nll")
-    b, t, _ = final.shape
-    c, n, pad = _chunk_layout(t, chunk)
-    head_f32 = head.astype(jnp.float32)
-
-    @jax.checkpoint
-    def body(carry, xs):
-        h, tgt = xs
-        return carry, _token_nll(_logits(h, head_f32), tgt)
-
-    xs = (_to_chunks(final, c, n, pad), _to_chunks(targets, c, n, pad))
-    _, nll = jax.lax.scan(body, None, xs)
-    return _from_chunks(nll, t)
 
 
 def cosine_distance(
@@ -194,7 +121,7 @@ def distill_loss(
       mean cosine distance 1 - cos of pair i); "tokens" (sum of loss_mask).
       So loss = w_ce * ce + w_kl * tau^2 * kl + cos. Skipped terms report 0.
     """
-    _check_shapes(student_final, student_head, "student")
+    check_shapes(student_final, student_head, "student")
     b, t, _ = student_final.shape
     v = student_head.shape[1]
     if targets.shape != (b, t) or loss_mask.shape != (b, t):
@@ -212,7 +139,7 @@ def distill_loss(
     if use_kl:
         if teacher_final is None or teacher_head is None:
             raise ValueError("w_kl != 0 needs teacher_final and teacher_head")
-        _check_shapes(teacher_final, teacher_head, "teacher")
+        check_shapes(teacher_final, teacher_head, "teacher")
         if teacher_final.shape[:2] != (b, t) or teacher_head.shape[1] != v:
             raise ValueError(
                 f"teacher final {teacher_final.shape} / head {teacher_head.shape} do "
@@ -263,57 +190,3 @@ def distill_loss(
         total = total + cos_total
     metrics.update(loss=total, ce=ce, kl=kl, cos=cos_total, tokens=tokens)
     return total, metrics
-
-
-def chunked_ce_kl(
-    student_final: jax.Array,
-    student_head: jax.Array,
-    teacher_final: jax.Array | None,
-    teacher_head: jax.Array | None,
-    targets: jax.Array,
-    mask: jax.Array,
-    *,
-    chunk: int,
-    tau: float,
-    use_ce: bool,
-    use_kl: bool,
-) -> tuple[jax.Array, jax.Array]:
-    """Masked sums of CE (of `targets`) and KL(teacher || student) over all tokens, scanning sequence chunks with
-    remat: never a [B, T, V] tensor. Used by the distillation loss and by the KL patch order (eval/patch_order)."""
-    b, t, _ = student_final.shape
-    c, n, pad = _chunk_layout(t, chunk)
-    s_head = student_head.astype(jnp.float32)
-    if use_kl:
-        t_head = jax.lax.stop_gradient(teacher_head).astype(jnp.float32)
-        t_final = jax.lax.stop_gradient(teacher_final)
-
-    def body(carry, xs):
-        ce_acc, kl_acc = carry
-        hs, ht, tgt, m = xs
-        keep = m != 0
-        zs = _logits(hs, s_head)
-        if use_ce:
-            nll = _token_nll(zs, tgt)
-            ce_acc = ce_acc + jnp.sum(jnp.where(keep, m * nll, 0.0))
-        if use_kl:
-            zt = jax.lax.stop_gradient(_logits(ht, t_head))
-            log_pt = jax.nn.log_softmax(zt / tau, axis=-1)
-            zs_tau = zs / tau
-            # KL = sum_v p_T (log p_T - z_S/tau) + logsumexp(z_S/tau), using
-            # sum_v p_T = 1: no normalised student tensor is kept for backward.
-            kl_tok = jnp.sum(jnp.exp(log_pt) * (log_pt - zs_tau), axis=-1)
-            kl_tok = kl_tok + jax.nn.logsumexp(zs_tau, axis=-1)
-            kl_acc = kl_acc + jnp.sum(jnp.where(keep, m * kl_tok, 0.0))
-        return (ce_acc, kl_acc), None
-
-    # prevent_cse=False is safe (and faster) inside scan, per the jax.checkpoint docs.
-    body = jax.checkpoint(body, prevent_cse=False)
-    xs = (
-        _to_chunks(student_final, c, n, pad),
-        _to_chunks(t_final, c, n, pad) if use_kl else None,
-        _to_chunks(targets, c, n, pad),
-        _to_chunks(mask, c, n, pad),
-    )
-    zero = jnp.zeros((), jnp.float32)
-    (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero), xs)
-    return ce_sum, kl_sum

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from boomerang_jax.distill.step import Distiller, hybrid_arrays
-from boomerang_jax.eval.perplexity import row_nll
+from boomerang_jax.models.nll import row_nll
 from boomerang_jax.infra import parallel
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
 from boomerang_jax.pod.planning import MemoryPlan, RunShape, describe_run, plan_memory

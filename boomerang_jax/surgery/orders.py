@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from boomerang_jax.distill.loss import chunked_ce_kl
+from boomerang_jax.models.logits import chunked_ce_kl
+from boomerang_jax.models.nll import mean_nll
 from boomerang_jax.models.transformer import forward, head_kernel
 from boomerang_jax.surgery import LayerPlan, Model, interpolate, patch_sequence, patched_first
 
@@ -40,8 +41,6 @@ def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[
                  chunk: int = 256, log: Callable[[str], None] | None = None) -> dict[int, float]:
     """Mean next-token NLL (nats) of the teacher with ONE multi-layer block replaced by its student layer,
     for every multi-layer block (student layer id -> NLL). `student`, `teacher`: (config, params) pairs."""
-    from boomerang_jax.eval.perplexity import perplexity
-
     batches = list(batches)
     if not batches:
         raise ValueError("block_scores needs at least one calibration batch")
@@ -50,7 +49,7 @@ def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[
     for i in patch_sequence(plan, "first-to-last"):
         t0 = time.perf_counter()
         model: Model = interpolate(student, teacher, plan, every - {i})
-        scores[i] = perplexity(model.params, model.config, batches, chunk=chunk).nll
+        scores[i] = mean_nll(model.params, model.config, batches, chunk=chunk)
         if log:
             log(f"block {i} (teacher layers {list(plan.blocks[i])}) as the only student layer: "
                 f"calibration NLL {scores[i]:.4f} ({time.perf_counter() - t0:.1f}s)")
