@@ -19,196 +19,32 @@ the whole batch (every loss term is a mean over real tokens of the whole batch).
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from boomerang_jax.distill.hybrid import Hybrid, check_patch_sizes, hybrid_arrays, hybrid_model, patch_schedule  # noqa: F401
 from boomerang_jax.distill.loss import LossConfig, distill_loss
+from boomerang_jax.distill.optim import (  # noqa: F401
+    TrainConfig, TrainState, abstract_train_state, lr_schedule, make_optimizer, opt_state_shardings,
+)
 from boomerang_jax.infra import parallel
 from boomerang_jax.models import sharding
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import (
-    REMAT_POLICIES,
     Params,
     forward,
     head_kernel,
     param_shapes,
 )
-from boomerang_jax.surgery import LayerPlan, hybrid_index, patched_first
+from boomerang_jax.surgery import LayerPlan
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimiser, schedule, precision and step layout (defaults: the paper's recipe, ALGORITHM.md section 2)."""
-
-    lr: float = 3e-4
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    total_steps: int = 500
-    warmup_steps: int | None = None  # None: 1% of total_steps, rounded up
-    end_lr_ratio: float = 0.0  # cosine decays to lr * end_lr_ratio at total_steps
-    clip_norm: float = 1.0
-    micro_batches: int = 1
-    compute_dtype: str = "bfloat16"  # activations / matmul operands of both models
-    teacher_dtype: str = "bfloat16"  # storage of the frozen teacher
-    param_dtype: str = "float32"  # student master weights and optimiser moments
-    remat: str = "full"  # student layer remat policy: one of models.transformer.REMAT_POLICIES
-    # Patch-aware distillation (docs/DECISIONS.md): step s trains the student with patch_sizes[s % len] random
-    # multi-layer blocks patched by their frozen teacher blocks (0 = the plain student). () = the paper's recipe.
-    patch_sizes: tuple[int, ...] = ()
-    patch_seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name, ok, rule in _TRAIN_RULES:
-            _check_number("train", name, getattr(self, name), ok, rule)
-        try:
-            sizes = tuple(int(m) for m in self.patch_sizes)
-        except (TypeError, ValueError):
-            raise ValueError(f"patch_sizes must be a list of block counts, got {self.patch_sizes!r}") from None
-        if any(m < 0 for m in sizes):
-            raise ValueError(f"patch_sizes must be >= 0, got {list(sizes)}")
-        object.__setattr__(self, "patch_sizes", sizes)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.micro_batches < 1:
-            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        for name in ("compute_dtype", "teacher_dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
-
-    @property
-    def warmup(self) -> int:
-        if self.warmup_steps is not None:
-            return max(0, int(self.warmup_steps))
-        return math.ceil(0.01 * self.total_steps)
-
-
-def _check_number(section: str, name: str, value: Any, ok: Callable[[float], bool], rule: str,
-                  integer: bool = False) -> None:
-    """Raise ValueError naming `section.name` unless `value` is a real number (an int if `integer`) obeying `rule`."""
-    kinds = (int,) if integer else (int, float)
-    if value is None and name == "warmup_steps":
-        return
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not ok(value):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{section}.{name} must be {kind} {rule}, got {value!r}")
-
-
-# (field, check, rule as the error says it): nonsense values fail before anything runs, naming the key
-_TRAIN_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-    ("lr", lambda v: v > 0, "> 0"),
-    ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("eps", lambda v: v > 0, "> 0"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("end_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (the cosine's final share of lr)"),
-    ("clip_norm", lambda v: v > 0, "> 0"),
-    ("warmup_steps", lambda v: v >= 0 and float(v).is_integer(), ">= 0 (whole steps) or null for 1%"),
-)
-
-
-class TrainState(NamedTuple):
-    """Everything that changes during training: a plain pytree, so orbax can checkpoint it as is."""
-
-    params: Params
-    opt_state: optax.OptState
-    step: jax.Array
-
-
-# ------------------------------------------------------------------------------------------- optimiser
-def lr_schedule(cfg: TrainConfig) -> Callable[[jax.Array], jax.Array]:
-    """Linear warmup to cfg.lr over `warmup` steps (step 0 already gets lr/warmup), then cosine to the end."""
-    peak, end, warm, total = cfg.lr, cfg.lr * cfg.end_lr_ratio, cfg.warmup, cfg.total_steps
-
-    def schedule(step: jax.Array) -> jax.Array:
-        s = jnp.asarray(step, jnp.float32)
-        warm_lr = peak * (s + 1.0) / max(warm, 1)
-        progress = jnp.clip((s - warm) / max(total - warm, 1), 0.0, 1.0)
-        cos_lr = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(s < warm, warm_lr, cos_lr)
-
-    return schedule
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on every parameter, as the reference does)."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-    )
-
-
-# ------------------------------------------------------------------------------------ patched hybrids
-Hybrid = dict[str, jax.Array]  # surgery.HybridIndex as arrays: layers, hidden, teacher_embedding, teacher_head
-
-
-def hybrid_arrays(plan: LayerPlan, patched: Any) -> Hybrid:
-    """The gather indices of the student with `patched` blocks replaced by their teacher blocks."""
-    return dataclasses.asdict(hybrid_index(plan, patched))
-
-
-def hybrid_model(student_params: Params, teacher_params: Params, hybrid: Hybrid, *, student_config: ModelConfig,
-                 teacher_config: ModelConfig) -> tuple[Params, ModelConfig, jax.Array]:
-    """(params, config, LM head) of the interpolated model `hybrid` describes, built by gathers so that the
-    patched set is data, not structure. The teacher's parts are frozen (no gradient); the result's layers are in
-    the student's dtype. Matches `surgery.interpolate` (tested)."""
-    frozen = jax.lax.stop_gradient(teacher_params)
-    idx = hybrid["layers"]
-    m = jax.tree.leaves(student_params["layers"])[0].shape[0]
-    from_teacher = idx >= m
-
-    def gather(s: jax.Array, t: jax.Array) -> jax.Array:  # each stack gathered at hybrid size, then selected
-        t_rows = t[jnp.clip(idx - m, 0, t.shape[0] - 1)].astype(s.dtype)
-        s_rows = s[jnp.clip(idx, 0, m - 1)]
-        return jnp.where(from_teacher.reshape((-1,) + (1,) * (s.ndim - 1)), t_rows, s_rows)
-
-    layers = jax.tree.map(gather, student_params["layers"], frozen["layers"])
-    pick = lambda flag, t, s: jnp.where(flag, t.astype(s.dtype), s)  # noqa: E731
-    embedding = pick(hybrid["teacher_embedding"], frozen["embed"]["embedding"], student_params["embed"]["embedding"])
-    final_norm = jax.tree.map(lambda t, s: pick(hybrid["teacher_head"], t, s), frozen["final_norm"],
-                              student_params["final_norm"])
-    head = pick(hybrid["teacher_head"], head_kernel(frozen, teacher_config), head_kernel(student_params, student_config))
-    params = {"embed": {"embedding": embedding}, "final_norm": final_norm, "layers": layers}
-    # logits are never asked of this forward (the loss uses `head`), so the config stays tied: no lm_head needed
-    config = student_config.replace(num_layers=int(hybrid["layers"].shape[0]), tie_word_embeddings=True)
-    return params, config, head
-
-
-def check_patch_sizes(plan: LayerPlan, sizes: tuple[int, ...]) -> None:
-    """Raise ValueError naming the first entry of `sizes` that `plan` cannot draw (0 = the plain student)."""
-    n = len(plan.multi_layer_blocks)
-    for m in sizes:
-        if m and not 0 < m < n:
-            raise ValueError(f"train.patch_sizes entry {m}: a hybrid patches 1..{n - 1} of the plan's "
-                             f"{n} multi-layer blocks (0 = the plain student)")
-
-
-def patch_schedule(plan: LayerPlan, sizes: tuple[int, ...], seed: int, step: int) -> frozenset[int] | None:
-    """The blocks patched at training step `step` (0-based) of patch-aware distillation: `sizes[step % len]`
-    multi-layer blocks drawn uniformly (fixed by seed and step, so a resumed run draws the same), closed the way
-    a family closes them (`surgery.patched_first`). None (the plain student) when that size is 0 or sizes is
-    empty."""
-    m = sizes[step % len(sizes)] if sizes else 0
-    if m == 0:
-        return None
-    check_patch_sizes(plan, (m,))
-    multi = plan.multi_layer_blocks
-    rng = np.random.default_rng([seed, step])
-    return patched_first(plan, [multi[i] for i in rng.choice(len(multi), size=m, replace=False)])
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -301,7 +137,7 @@ class Distiller:
         opt_shapes = jax.eval_shape(self.optimizer.init, student_shapes)
         self.state_shardings = TrainState(
             params=self.param_shardings,
-            opt_state=_opt_state_shardings(opt_shapes, student_shapes, self.param_shardings, mesh),
+            opt_state=opt_state_shardings(opt_shapes, student_shapes, self.param_shardings, mesh),
             step=parallel.replicated(mesh),
         )
         self.batch_sharding = parallel.batch_sharding(mesh)
@@ -443,10 +279,7 @@ class Distiller:
     # ---- ahead-of-time compilation (boomerang compile): shapes with shardings, nothing allocated
     def abstract_state(self) -> TrainState:
         """The train state as ShapeDtypeStructs carrying their shardings (for `jax.jit(...).lower`)."""
-        params = self._shapes["student"]
-        shapes = TrainState(params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
-                            step=jax.ShapeDtypeStruct((), jnp.int32))
-        return _with_shardings(shapes, self.state_shardings)
+        return _with_shardings(abstract_train_state(self._shapes["student"], self.train_cfg), self.state_shardings)
 
     def abstract_teacher(self) -> Params:
         """The frozen teacher as ShapeDtypeStructs in `teacher_dtype` with its shardings."""
@@ -473,26 +306,6 @@ class Distiller:
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `shapes` that carry the matching leaf of `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def _opt_state_shardings(opt_shapes: Any, param_shapes: Params, param_shardings: Params, mesh: Mesh) -> Any:
-    """Shardings of an optax state: a leaf that mirrors a parameter (same trailing dict path and shape, e.g.
-    an Adam moment) gets that parameter's sharding; everything else (counters) is replicated."""
-    flat = lambda tree: {tuple(k.key for k in path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    shardings, shapes = flat(param_shardings), flat(param_shapes)
-
-    def one(path: tuple, leaf: Any) -> NamedSharding:
-        tail: list[str] = []
-        for k in reversed(path):
-            if not isinstance(k, jax.tree_util.DictKey):
-                break
-            tail.insert(0, k.key)
-        key = tuple(tail)
-        if key in shardings and tuple(shapes[key].shape) == tuple(leaf.shape):
-            return shardings[key]
-        return parallel.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
 def _check_tree(params: Params, shapes: Params, what: str) -> None:
