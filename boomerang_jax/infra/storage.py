@@ -6,7 +6,7 @@ goes through these functions, so the difference between a local disk and a bucke
 - Local paths use pathlib/os; URLs (`gs://bucket/dir`) use fsspec (gcsfs) with listing caches off, so a
   listing always sees what other writers (orbax/tensorstore, other hosts) just wrote.
 - "Looks complete" is made explicit. A directory export is assembled locally and published with
-  `publish_dir`: locally by renaming a hidden sibling into place (atomic); on a bucket, where there is no
+  `infra.publish.publish_dir`: locally by renaming a hidden sibling into place (atomic); on a bucket, where there is no
   directory rename, by uploading every object first and its *marker* (`config.json`, `family.json`) last,
   after deleting the previous marker. Readers require the marker, so a crash mid-export never leaves an
   object set that looks complete.
@@ -27,10 +27,9 @@ import glob as _glob
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 PathLike = str | os.PathLike
 CACHE_ENV = "BOOMERANG_CACHE"
@@ -354,98 +353,3 @@ def replace_dir(tmp: PathLike, out: PathLike) -> None:
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------- publishing
-def occupied(dest: PathLike, marker: str) -> bool:
-    """Whether publishing at `dest` would replace something: locally any existing path; on a bucket a
-    complete export (its marker), since marker-less objects are leftovers of an interrupted one."""
-    return exists(join(dest, marker)) if is_remote(dest) else Path(dest).exists()
-
-
-class DirPublisher:
-    """A directory assembled under the local `path` and published at `dest` only when complete.
-
-    Local `dest`: `path` is a hidden sibling, renamed into place by `commit` (atomic; an existing `dest` is
-    replaced only by a finished one). Remote `dest`: `path` is a local staging dir; the first `flush` or
-    `commit` deletes the old `marker`, then the old objects, then uploads; `flush(sub)` uploads a finished
-    subdirectory early (and frees its local disk), `commit` uploads the rest with the files named in `last`
-    after all others and `marker` at the very end. A crash at any point leaves no `dest/marker` over a
-    partial set.
-    """
-
-    def __init__(self, dest: PathLike, *, marker: str, overwrite: bool = False, last: Sequence[str] = (),
-                 error: type[Exception] = FileExistsError) -> None:
-        self.dest, self.marker, self.last = str(dest), marker, tuple(n for n in last if n != marker) + (marker,)
-        self.remote = is_remote(dest)
-        self._cleared = False
-        if self.remote and not split_url(str(dest))[2]:
-            raise error(f"{dest}: exports go into a directory of the bucket (gs://bucket/name), not its root")
-        if not overwrite and occupied(dest, marker):
-            raise error(f"{dest}: already exists (pass overwrite=True / --overwrite to replace it)")
-        if self.remote:
-            staging = os.environ.get(STAGING_ENV) or None
-            if staging:
-                Path(staging).mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix="boomerang-publish-", dir=staging))
-        else:
-            out = Path(dest)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.path = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-            self.path.mkdir()
-
-    def _clear_old(self) -> None:
-        if not self._cleared:
-            remove(join(self.dest, self.marker))  # first: from here on the old set no longer looks complete
-            rmtree(self.dest)
-            self._cleared = True
-
-    def flush(self, sub: str) -> None:
-        """Remote: upload the finished subdirectory `sub` now and drop its local copy. Local: nothing to do."""
-        if not self.remote:
-            return
-        self._clear_old()
-        upload_dir(self.path / sub, join(self.dest, sub), last=self.last)
-        shutil.rmtree(self.path / sub, ignore_errors=True)
-
-    def commit(self) -> None:
-        """Publish what is left under `path`, the marker last."""
-        if self.remote:
-            self._clear_old()
-            upload_dir(self.path, self.dest, last=self.last)
-            shutil.rmtree(self.path, ignore_errors=True)
-        else:
-            replace_dir(self.path, self.dest)
-
-    def abort(self) -> None:
-        """Drop the local staging (a remote partial upload stays marker-less, and is cleared by the next export)."""
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def publish_dir(dest: PathLike, *, marker: str, overwrite: bool = False, last: Sequence[str] = (),
-                error: type[Exception] = FileExistsError) -> Iterator[DirPublisher]:
-    """`DirPublisher` as a context: committed when the block exits cleanly, aborted otherwise."""
-    pub = DirPublisher(dest, marker=marker, overwrite=overwrite, last=last, error=error)
-    try:
-        yield pub
-        pub.commit()
-    except BaseException:
-        pub.abort()
-        raise
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: PathLike) -> Iterator[str]:
-    """A local directory to write into; for a remote `out_dir`, uploaded there when the block exits cleanly."""
-    if not is_remote(out_dir):
-        makedirs(out_dir)
-        yield str(out_dir)
-        return
-    staging = os.environ.get(STAGING_ENV) or None
-    local = tempfile.mkdtemp(prefix="boomerang-stage-", dir=staging)
-    try:
-        yield local
-        upload_dir(local, out_dir)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
