@@ -170,13 +170,13 @@ def test_run_config_rejects_unknown_keys_and_sections(tmp_path):
     with pytest.raises(RunConfigError, match="data.train is required"):
         load_run_config(None)
     ok = load_run_config(None, ["data.train.path=x", "train.lr=1e-3", "mesh.fsdp=2"])
-    assert ok["train"]["lr"] == 1e-3 and ok["mesh"]["fsdp"] == 2
+    assert ok.train.lr == 1e-3 and ok.mesh.fsdp == 2
 
 
 def test_shipped_configs_load():
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         cfg = load_run_config(path)
-        assert cfg["train"]["total_steps"] >= 1, path
+        assert cfg.train.total_steps >= 1, path
 
 
 def test_interpolate_reads_the_family_straight_from_a_training_checkpoint(setup):

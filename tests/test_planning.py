@@ -72,7 +72,7 @@ def test_plan_memory_command_on_a_paper_config_is_offline_and_covers_every_prese
     path = REPO / "configs" / "paper-qwen3-4b-base.yaml"
     assert cli_main(["plan-memory", "--config", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    presets = list(load_run_config(path)["presets"])
+    presets = list(load_run_config(path).presets)
     assert [t["topology"] for t in out["topologies"]] == presets and "v5p-128" in presets
     assert all(isinstance(t["fits"], bool) and t["total"] > 0 for t in out["topologies"])
     v5p = next(t for t in out["topologies"] if t["topology"] == "v5p-128")
@@ -87,18 +87,18 @@ def test_every_gpu_preset_of_every_paper_config_fits_by_the_estimate():
     """GPU presets are judged by plan-memory (no ahead-of-time GPU compile here; it errs high, measured on an
     H200). TPU presets are judged by XLA itself: tests/test_aot.py checks the recorded compiles."""
     for path in CONFIGS:
-        for name in load_run_config(path)["presets"]:
+        for name in load_run_config(path).presets:
             if parse_topology(name).kind != "gpu":
                 continue
             cfg = load_run_config(path, preset=name)
-            plan = plan_memory(run_shape(cfg), name, cfg["mesh"])
+            plan = plan_memory(run_shape(cfg), name, cfg.mesh)
             assert plan.fits, (path.name, name, plan.table())
 
 
 def test_presets_merge_before_overrides_and_unknown_presets_are_errors(tmp_path):
     path = REPO / "configs" / "paper-qwen3-8b-base.yaml"
     cfg = load_run_config(path, ["train.micro_batches=3"], preset="v5p-128")
-    assert cfg["train"]["micro_batches"] == 3 and cfg["train"]["lr"] == 3e-4 and cfg["mesh"]["fsdp"] == -1
+    assert cfg.train.micro_batches == 3 and cfg.train.lr == 3e-4 and cfg.mesh.fsdp == -1
     with pytest.raises(RunConfigError, match=r"no preset 'v9-8' in this config; presets: \[.*'v5p-128'"):
         load_run_config(path, preset="v9-8")
     bad = tmp_path / "bad.yaml"

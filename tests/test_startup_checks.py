@@ -32,7 +32,7 @@ def _valid_train(b: int, k: int, n: int) -> bool:
 # the batch error must come first (nothing was loaded); a config whose batches fit fails on the teacher instead.
 _BAD_BATCHES = r"""
 import json, jax
-from boomerang_jax.distill.config import RunConfigError
+from boomerang_jax.distill.config import RunConfig, RunConfigError
 from boomerang_jax.distill.train import run_distillation
 assert len(jax.devices()) == 8
 out = {}
@@ -42,7 +42,7 @@ for name, (mesh, train_b, eval_b, k) in CASES.items():
                     "eval": None if eval_b is None else {"path": "/nonexistent/data", "batch_size": eval_b}},
            "train": {"micro_batches": k}, "loss": {}, "run": {"dir": RUN_DIR, "progress": False}}
     try:
-        run_distillation(cfg)
+        run_distillation(RunConfig.from_dict(cfg))
     except RunConfigError as e:
         out[name] = ["RunConfigError", str(e)]
     except Exception as e:

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from boomerang_jax.distill.config import RunConfig, build_run_config
+
 STAGES = ("teacher", "data", "distill", "family", "eval", "report")
 METHODS = ("boomerang", "naive-pruning", "shortgpt")  # + "boomerang-<order>" for each of DemoSettings.also_orders
 
@@ -151,26 +153,29 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj, default=str))
 
 
-def distill_config(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.distill.config import load_run_config
-
-    mix = f", mix: [[{out / 'data' / 'teacher-text'}, {s.teacher_text_share}]]" if s.teacher_text_share > 0 else ""
-    return load_run_config(None, [
-        f"teacher={out / 'teacher'}",
-        f"plan={s.plan}",
-        f"data.train={{path: {out / 'data' / 'sotu'}, seq_len: {s.seq}, batch_size: {s.batch}, seed: 0{mix}}}",
-        f"data.eval={{path: {out / 'data' / 'sotu'}, split: validation, seq_len: {s.seq}, batch_size: {s.batch}}}",
-        f"train.total_steps={s.steps}", f"train.lr={s.lr}", "train.compute_dtype=float32",
-        "train.teacher_dtype=float32", "train.remat=none",
-        f"loss.chunk={min(s.seq, 128)}",
-        *([f"train.patch_sizes=[{','.join(map(str, s.patch_sizes))}]"] if s.patch_sizes else []),
+def distill_config(s: DemoSettings, out: Path) -> RunConfig:
+    """The demo's distillation run, built as data (the sections of a run config YAML) plus `--set` overrides."""
+    train_data: dict[str, Any] = {"path": str(out / "data" / "sotu"), "seq_len": s.seq, "batch_size": s.batch,
+                                  "seed": 0}
+    if s.teacher_text_share > 0:
+        train_data["mix"] = [[str(out / "data" / "teacher-text"), s.teacher_text_share]]
+    train: dict[str, Any] = {"total_steps": s.steps, "lr": s.lr, "compute_dtype": "float32",
+                             "teacher_dtype": "float32", "remat": "none"}
+    if s.patch_sizes:
+        train["patch_sizes"] = list(s.patch_sizes)
+    return build_run_config({
+        "teacher": str(out / "teacher"),
+        "plan": s.plan,
+        "data": {"train": train_data,
+                 "eval": {"path": str(out / "data" / "sotu"), "split": "validation", "seq_len": s.seq,
+                          "batch_size": s.batch}},
+        "train": train,
         # The paper's loss terms, weighted towards the teacher's distribution: without the CE term on the
         # training tokens every size of the family generalises better (docs/DECISIONS.md, measured).
-        "loss.w_ce=0", "loss.w_kl=1",
-        f"run.dir={out / 'distill'}", f"run.checkpoint_every={max(1, min(25, s.steps))}",
-        f"run.eval_every={max(1, s.steps // 3)}", "run.eval_batches=2",
-        *s.distill_overrides,
-    ])
+        "loss": {"chunk": min(s.seq, 128), "w_ce": 0, "w_kl": 1},
+        "run": {"dir": str(out / "distill"), "checkpoint_every": max(1, min(25, s.steps)),
+                "eval_every": max(1, s.steps // 3), "eval_batches": 2},
+    }, s.distill_overrides)
 
 
 def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:

@@ -5,6 +5,9 @@ Sections: `teacher`, `plan`, `student`, `data` (grain DataConfig for training, p
 `presets`: named per-topology settings (`v5p-128: {mesh: {...}, train: {micro_batches: 8}}`) applied with
 `--preset NAME` before the command-line overrides. Unknown keys are errors naming the key and the known ones,
 so a typo never silently trains something else.
+
+`load_run_config` parses all of it once into a typed `RunConfig` (sections as dataclasses: TrainConfig,
+LossConfig, RunSettings, MeshConfig, DataSection); hyper-parameters are validated there, naming the key.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from boomerang_jax.data.pipeline import DataConfig
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.step import TrainConfig
 from boomerang_jax.infra import storage
+from boomerang_jax.infra.parallel import MeshConfig
+from boomerang_jax.surgery.plan import LayerPlan
 
 
 class RunConfigError(ValueError):
@@ -128,9 +134,8 @@ def apply_preset(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return {**cfg, **{k: _merge(cfg.get(k), v) for k, v in preset.items()}}
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, preset: str | None = None
-                    ) -> dict[str, Any]:
-    """Read a YAML run config, fill defaults, apply a preset and the overrides, validate every section's keys."""
+def _merged(path: str | Path | None, overrides: Sequence[str], preset: str | None) -> dict[str, Any]:
+    """Defaults, then the YAML file (yaml.safe_load), then the preset, then the overrides: the plain dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         try:
@@ -146,22 +151,114 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, p
             cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, dict) else v
     if preset:
         cfg = apply_preset(cfg, preset)
-    cfg = apply_overrides(cfg, overrides)
-    _check_keys("train", cfg["train"], TrainConfig)
-    _check_keys("loss", cfg["loss"], LossConfig)
-    _check_keys("run", cfg["run"], RunSettings)
-    if not cfg["data"].get("train"):
-        raise RunConfigError("data.train is required: a prepared dataset section (path, seq_len, batch_size, ...)")
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
-def train_config(cfg: Mapping[str, Any]) -> TrainConfig:
-    return TrainConfig(**cfg["train"])
+def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = cfg.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RunConfigError(f"{name}: expected a section of key: value settings, got {value!r}")
+    return dict(value)
 
 
-def loss_config(cfg: Mapping[str, Any]) -> LossConfig:
-    return LossConfig(**cfg["loss"])
+def _typed(section: str, cls: type, values: Mapping[str, Any]) -> Any:
+    """`cls(**values)` after checking the keys; its own validation errors (naming `section.key`) pass through."""
+    _check_keys(section, values, cls)
+    return cls(**values)
 
 
-def run_settings(cfg: Mapping[str, Any]) -> RunSettings:
-    return RunSettings(**cfg["run"])
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """`data.train` (required) and `data.eval` (optional): grain DataConfig sections whose batch_size is the
+    GLOBAL batch; each host's DataConfig is derived from them at start-up (distill/train.py)."""
+
+    train: Mapping[str, Any]
+    eval: Mapping[str, Any] | None = None
+
+    @property
+    def train_batch_size(self) -> int:
+        return int(self.train.get("batch_size", DataConfig.batch_size))
+
+    @property
+    def eval_batch_size(self) -> int | None:
+        """The held-out global batch, None without `data.eval`."""
+        return int(self.eval.get("batch_size", DataConfig.batch_size)) if self.eval else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A distillation run's whole configuration, parsed and validated once (see the module docstring).
+
+    `plan` stays a spec until the teacher's layer count is known (`layer_plan`); `source` is the merged plain
+    dict it was parsed from, which a run directory records (`to_dict`).
+    """
+
+    teacher: str
+    plan: str | Mapping[str, Any]
+    student: str | None
+    data: DataSection
+    mesh: MeshConfig
+    train: TrainConfig
+    loss: LossConfig
+    run: RunSettings
+    presets: Mapping[str, Any]
+    source: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """Validate a merged config mapping (sections as in DEFAULTS; missing ones take their defaults)."""
+        unknown = sorted(set(d) - set(DEFAULTS))
+        if unknown:
+            raise RunConfigError(f"unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
+        cfg = {**copy.deepcopy(DEFAULTS), **copy.deepcopy(dict(d))}
+        train, loss, run = _section(cfg, "train"), _section(cfg, "loss"), _section(cfg, "run")
+        _check_keys("train", train, TrainConfig)
+        _check_keys("loss", loss, LossConfig)
+        _check_keys("run", run, RunSettings)
+        data = _section(cfg, "data")
+        unknown = sorted(set(data) - {"train", "eval"})
+        if unknown:
+            raise RunConfigError(f"unknown data section(s) {unknown}; known: ['eval', 'train']")
+        if not data.get("train"):
+            raise RunConfigError("data.train is required: a prepared dataset section (path, seq_len, batch_size, ...)")
+        for name in ("train", "eval"):
+            if data.get(name) is not None and not isinstance(data[name], Mapping):
+                raise RunConfigError(f"data.{name}: expected a dataset section (path, seq_len, batch_size, ...), "
+                                     f"got {data[name]!r}")
+        plan = cfg["plan"]
+        if not isinstance(plan, (str, Mapping)):
+            raise RunConfigError(f"plan: cannot read {plan!r}; expected e.g. 'every=2,first=1,last=2', "
+                                 "{every: 2, first: 1, last: 2}, {kept: [...]} or a plan JSON file")
+        return cls(teacher=str(cfg["teacher"]), plan=plan, student=str(cfg["student"]) if cfg["student"] else None,
+                   data=DataSection(train=dict(data["train"]), eval=dict(data["eval"]) if data.get("eval") else None),
+                   mesh=MeshConfig.parse(cfg["mesh"] if cfg["mesh"] is not None else {}),
+                   train=_typed("train", TrainConfig, train), loss=_typed("loss", LossConfig, loss),
+                   run=_typed("run", RunSettings, run), presets=dict(cfg.get("presets") or {}), source=cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict this config was parsed from (what a run directory's checkpoints record as `config`)."""
+        return copy.deepcopy(dict(self.source))
+
+    def layer_plan(self, num_teacher_layers: int) -> LayerPlan:
+        """The `plan:` spec resolved against the teacher's layer count (LayerPlan.from_spec)."""
+        return LayerPlan.from_spec(self.plan, num_teacher_layers)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, preset: str | None = None
+                    ) -> RunConfig:
+    """Read a YAML run config, fill defaults, apply a preset and the overrides, and validate it (RunConfig)."""
+    return RunConfig.from_dict(_merged(path, overrides, preset))
+
+
+def build_run_config(settings: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from settings given as data (sections as in a YAML file, merged over the defaults like one),
+    then `section.key=value` overrides: what code that builds its run (the demo) uses instead of YAML text."""
+    cfg = copy.deepcopy(DEFAULTS)
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise RunConfigError(f"unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
+    for k, v in settings.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, Mapping) else copy.deepcopy(v)
+    return RunConfig.from_dict(apply_overrides(cfg, overrides))

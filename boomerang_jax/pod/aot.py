@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,11 +31,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from boomerang_jax.distill.config import RunConfig
 from boomerang_jax.distill.step import Distiller, hybrid_arrays
+from boomerang_jax.distill.train import check_batch_config
 from boomerang_jax.models.nll import row_nll
 from boomerang_jax.infra import parallel
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
-from boomerang_jax.pod.planning import MemoryPlan, RunShape, describe_run, plan_memory
+from boomerang_jax.pod.planning import MemoryPlan, RunShape, describe_run, plan_memory, run_shape
 from boomerang_jax.surgery import patched_first
 
 PROGRAMS = ("train step", "eval step", "teacher forward")
@@ -289,16 +291,12 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
     return CompileReport(topo, libtpu_topology_name(topo), sizes, out, estimate, describe_run(shape))
 
 
-def compile_config(cfg: Mapping[str, Any], topology: Topology | str, **kwargs: Any) -> CompileReport:
+def compile_config(cfg: RunConfig, topology: Topology | str, **kwargs: Any) -> CompileReport:
     """`compile_run` for a run config (distill/config.py): its models, plan, batch, mesh and eval batch."""
-    from boomerang_jax.distill.train import check_batch_config
-    from boomerang_jax.pod.planning import run_shape
-
     # batch sizes that cannot split over this slice: the same start-up error, naming keys, as `distill` gives
-    check_batch_config(cfg, parallel.make_mesh(cfg["mesh"], topology_devices(topology)))
-    eval_section = (cfg.get("data") or {}).get("eval") or {}
-    eval_batch = int(eval_section["batch_size"]) if eval_section.get("batch_size") else None
-    return compile_run(run_shape(cfg), topology, cfg["mesh"], eval_batch=eval_batch, **kwargs)
+    check_batch_config(cfg, parallel.make_mesh(cfg.mesh, topology_devices(topology)))
+    eval_batch = int(cfg.data.eval["batch_size"]) if cfg.data.eval and cfg.data.eval.get("batch_size") else None
+    return compile_run(run_shape(cfg), topology, cfg.mesh, eval_batch=eval_batch, **kwargs)
 
 
 def report_json(report: CompileReport) -> str:

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from boomerang_jax.distill.config import RunConfig
+from boomerang_jax.distill.loop import flops_per_token
 from boomerang_jax.distill.loss import LossConfig
-from boomerang_jax.distill.step import TrainConfig, _opt_state_shardings, make_optimizer
+from boomerang_jax.distill.optim import TrainConfig, make_optimizer, opt_state_shardings
 from boomerang_jax.infra import parallel, storage
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
 from boomerang_jax.models import sharding
@@ -88,17 +90,13 @@ class RunShape:
         return self.global_batch * self.seq_len * self.train.total_steps
 
 
-def run_shape(cfg: Mapping[str, Any]) -> RunShape:
+def run_shape(cfg: RunConfig) -> RunShape:
     """The RunShape of a run config (distill/config.py), reading model configs only."""
-    from boomerang_jax.distill.config import loss_config, train_config
-    from boomerang_jax.distill.train import plan_from_config
-
-    teacher = model_config_for(cfg["teacher"])
-    plan = plan_from_config(cfg["plan"], teacher.num_layers)
-    student = model_config_for(cfg["student"]) if cfg.get("student") else teacher.replace(
-        num_layers=plan.num_student_layers)
-    data = cfg["data"]["train"]
-    return RunShape(teacher, student, plan, train_config(cfg), loss_config(cfg), int(data.get("batch_size", 8)),
+    teacher = model_config_for(cfg.teacher)
+    plan = cfg.layer_plan(teacher.num_layers)
+    student = model_config_for(cfg.student) if cfg.student else teacher.replace(num_layers=plan.num_student_layers)
+    data = cfg.data.train
+    return RunShape(teacher, student, plan, cfg.train, cfg.loss, int(data.get("batch_size", 8)),
                     int(data.get("seq_len", 2048)))
 
 
@@ -134,7 +132,7 @@ def state_bytes(shape: RunShape, sizes: Mapping[str, int]) -> dict[str, int]:
     s_sh = named(sharding.param_specs(s_shapes, shape.student, dict(sizes)))
     t_sh = named(sharding.param_specs(t_shapes, shape.teacher, dict(sizes)))
     opt_shapes = jax.eval_shape(make_optimizer(shape.train).init, s_shapes)
-    opt_sh = _opt_state_shardings(opt_shapes, s_shapes, s_sh, mesh)
+    opt_sh = opt_state_shardings(opt_shapes, s_shapes, s_sh, mesh)
     return {"params": per_device_bytes(s_shapes, s_sh), "opt_state": per_device_bytes(opt_shapes, opt_sh),
             "teacher": per_device_bytes(t_shapes, t_sh), "step": 4}
 
@@ -280,13 +278,11 @@ def plan_memory(shape: RunShape, topology: Topology | str, mesh: Any) -> MemoryP
 def run_flops(shape: RunShape) -> dict[str, float]:
     """FLOPs of the whole run, two conventions.
 
-    `ours`: what the training loop's MFU uses (distill/train.py `flops_per_token`): matmul FLOPs incl. the LM
+    `ours`: what the training loop's MFU uses (distill/loop.py `flops_per_token`): matmul FLOPs incl. the LM
     heads and non-causal attention; student forward + backward (3x) plus teacher forward (1x).
     `6ND+2ND`: the common rule of thumb, 6 x student params + 2 x teacher params per token (all params, no
     attention term), which is closest to how papers usually quote training compute.
     """
-    from boomerang_jax.distill.train import flops_per_token
-
     n_s, n_t = count_params(shape.student).total, count_params(shape.teacher).total
     per_token = (flops_per_token(shape.student, shape.seq_len, backward=True)
                  + flops_per_token(shape.teacher, shape.seq_len, backward=False))

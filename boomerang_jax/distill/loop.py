@@ -1,0 +1,273 @@
+"""The parts the distillation loop calls (distill/train.py `run_distillation`): throughput and MFU, the metrics
+log, periodic held-out evaluation, checkpoint cadence, the divergence guard, the progress bar and preemption.
+
+Each is small and owns one concern, so the loop reads as set-up -> step -> these parts -> finish. Behaviour is
+the loop's: metrics.jsonl rows, checkpoint steps, resume and preemption are documented in distill/train.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from boomerang_jax.data.pipeline import DataConfig, make_iterator
+from boomerang_jax.distill.checkpoint import Checkpointer
+from boomerang_jax.distill.step import Distiller, TrainState
+from boomerang_jax.infra import parallel, storage
+from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.surgery import count_params
+
+# bf16 peak TFLOP/s per device (public spec sheets), for the MFU estimate.
+PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
+               "tpu v6": 918.0, "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool) -> float:
+    """Matmul FLOPs per token (PaLM-style: 2N forward + causal-free attention term; x3 with backward)."""
+    n = count_params(config).non_embedding + config.hidden_size * config.vocab_size  # layers + LM head matmul
+    attn = 4 * config.num_layers * config.num_heads * config.head_dim * seq_len
+    fwd = 2 * n + attn
+    return 3 * fwd if backward else fwd
+
+
+def peak_flops(override_tflops: float | None) -> float | None:
+    """Peak bf16 FLOP/s of all devices together, from the setting or the device kind (None when unknown)."""
+    if override_tflops:
+        return override_tflops * 1e12 * jax.device_count()
+    kind = jax.devices()[0].device_kind.lower()
+    for key, tf in PEAK_TFLOPS.items():
+        if key in kind:
+            return tf * 1e12 * jax.device_count()
+    return None
+
+
+def _jax_preemption_sync() -> bool:
+    """Whether JAX's preemption sync manager is running (jax.distributed started with jax_enable_preemption_service,
+    the default). It is only reachable through jax's private distributed state; if that ever moves, we fall back to
+    our own agreement (`_Preemption`), never to a per-host decision."""
+    from jax._src import distributed
+
+    state = getattr(distributed, "global_state", None)
+    return getattr(state, "client", None) is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
+class _Preemption:
+    """SIGTERM -> stop after a step (the step in flight finishes first), the same step on every process.
+
+    One process ("local"): a Python SIGTERM handler sets a flag checked between steps. Several processes, where
+    one host may be signalled alone and a per-host decision would leave it saving while the others wait in the
+    next step's collectives: JAX's preemption sync manager ("jax"), whose C++ handler catches SIGTERM on any host
+    and agrees with all hosts on a step (`multihost_utils.reached_preemption_sync_point`). No Python handler is
+    installed then: it would replace the C++ one, and the manager would never hear of the signal. Without that
+    manager ("allgather"), the Python flag is all-gathered after every step and all stop when any host has it.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+        if jax.process_count() == 1:
+            self.mode = "local"
+        else:
+            self.mode = "jax" if _jax_preemption_sync() else "allgather"
+
+    def __enter__(self) -> "_Preemption":
+        if self.mode == "jax":
+            return self
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, nothing to restore
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint `step` (just finished) and stop. Every process must call this after every step
+        with the same `step`; on several processes it is collective, and returns the same answer on all."""
+        if self.mode == "local":
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        if self.mode == "jax":
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
+        return bool(np.any(flags))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard events when tensorboardX is installed), written by process 0 only.
+
+    Local: appended line by line. On a bucket (no appends) the whole file is re-uploaded as one object at most
+    every `flush_s` seconds and at every `flush()`; the loop flushes before each checkpoint, so the log always
+    covers every step up to the newest checkpoint (and a resumed run continues it without gaps). TensorBoard
+    writes gs:// itself (tensorboardX uses google-cloud-storage).
+    """
+
+    def __init__(self, run_dir: str, resume_step: int, *, flush_s: float = 30.0) -> None:
+        self.enabled = parallel.is_main_process()
+        self.path = storage.join(run_dir, "metrics.jsonl")
+        self.remote = storage.is_remote(run_dir)
+        self.flush_s = flush_s
+        self.tb = None
+        self._lines: list[str] = []
+        self._dirty = False
+        self._flushed_at = time.monotonic()
+        if not self.enabled:
+            return
+        storage.makedirs(run_dir)
+        if storage.exists(self.path):  # drop lines from steps after the checkpoint we resume from
+            keep = [ln for ln in storage.read_text(self.path).splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            self._lines = [ln + "\n" for ln in keep]
+            storage.write_text(self.path, "".join(self._lines))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(storage.join(run_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self._dirty = True
+            if time.monotonic() - self._flushed_at >= self.flush_s:
+                self.flush()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        """Make every line written so far durable (a no-op locally, where each line is appended at once)."""
+        if self.enabled and self.remote and self._dirty:
+            storage.write_text(self.path, "".join(self._lines))
+            self._dirty = False
+            self._flushed_at = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    """A step's metrics as host floats."""
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def _evaluate(distiller: Distiller, params: Any, teacher: Any, batches: Iterable[dict[str, np.ndarray]]
+              ) -> dict[str, float]:
+    """Token-weighted mean of each loss term over held-out batches."""
+    sums: dict[str, float] = {}
+    tokens = 0.0
+    for batch in batches:
+        m = _host_metrics(distiller.evaluate(params, teacher, distiller.put_eval_batch(batch)))
+        n = m.pop("tokens")
+        tokens += n
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+    return {f"eval/{k}": v / max(tokens, 1.0) for k, v in sums.items()} | {"eval/tokens": tokens}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Throughput:
+    """Adds step time, tokens/s and (when the peak is known) MFU to a step's metrics."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None) -> None:
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+
+    def measure(self, host: dict[str, float], dt: float) -> dict[str, float]:
+        host.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
+        if self.peak:
+            host["mfu"] = self.flops_per_step / dt / self.peak
+        return host
+
+
+class Progress:
+    """A tqdm bar of the run's steps on process 0 (none when `enabled` is false or on other processes)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled and parallel.is_main_process():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
+
+    def update(self, host: Mapping[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{host['loss']:.3f}", kl=f"{host.get('kl', 0):.3f}",
+                                 tok_s=f"{host['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PeriodicEval:
+    """Every `every` steps: the held-out loss terms over the first `batches` batches of one fresh pass of the
+    eval data (`eval_cfg`; None or every=0: never)."""
+
+    def __init__(self, distiller: Distiller, eval_cfg: DataConfig | None, every: int, batches: int) -> None:
+        self.distiller, self.eval_cfg, self.every, self.batches = distiller, eval_cfg, every, batches
+
+    def due(self, step: int) -> bool:
+        return self.eval_cfg is not None and bool(self.every) and step % self.every == 0
+
+    def run(self, params: Any, teacher_params: Any) -> dict[str, float]:
+        it = make_iterator(dataclasses.replace(self.eval_cfg, num_epochs=1, drop_remainder=False))
+        batches = [b for _, b in zip(range(self.batches), it)]
+        if hasattr(it, "close"):
+            it.close()
+        return _evaluate(self.distiller, params, teacher_params, batches)
+
+
+class RunCheckpoints:
+    """When and how the loop checkpoints: every `every` steps and at `total_steps`; each save first flushes the
+    metrics log, so the log covers every step of a checkpoint before that checkpoint can commit."""
+
+    def __init__(self, ckpt: Checkpointer, metrics_log: MetricsLog, meta: Mapping[str, Any], every: int,
+                 total_steps: int) -> None:
+        self.ckpt, self.metrics_log, self.meta = ckpt, metrics_log, dict(meta)
+        self.every, self.total_steps = every, total_steps
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def save(self, step: int, state: TrainState, iterator: Any) -> None:
+        self.metrics_log.flush()
+        self.ckpt.save(step, state, iterator.get_state(), {**self.meta, "step": step})
+
+    def check_finite(self, host: Mapping[str, float], step: int) -> None:
+        """Raise TrainingDiverged on a non-finite loss, after making the log and the last good checkpoint durable
+        (the bad state is never saved)."""
+        if math.isfinite(host["loss"]):
+            return
+        self.metrics_log.flush()
+        self.ckpt.wait()
+        raise TrainingDiverged(
+            f"non-finite loss {host['loss']} at step {step} (ce {host.get('ce')}, kl {host.get('kl')}, "
+            f"grad norm {host.get('grad_norm')}); the last good checkpoint "
+            f"(step {self.ckpt.latest_step()}) in {self.ckpt.directory} is kept. Lower train.lr or check the data.")
