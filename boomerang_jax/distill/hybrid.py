@@ -1,6 +1,6 @@
 """Patch-aware distillation's hybrids: the student with some blocks swapped for their frozen teacher blocks,
 built inside the jitted step by gathers (the patched set is data, so one program serves every set of a size),
-and the schedule that draws which blocks each step patches (docs/METHOD.md, "Patch-aware distillation")."""
+and the schedule that draws which blocks each step patches (docs/METHOD.md, section 5)."""
 
 from __future__ import annotations
 

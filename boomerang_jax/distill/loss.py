@@ -1,4 +1,4 @@
-"""Boomerang distillation loss (docs/METHOD.md, "The distillation loss"), chunked over the sequence.
+"""Boomerang distillation loss (docs/METHOD.md, section 2), chunked over the sequence.
 
     L = w_ce * CE(z_S, targets)
       + w_kl * tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))

@@ -19,7 +19,7 @@ from boomerang_jax.models.transformer import REMAT_POLICIES, Params
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser, schedule, precision and step layout (defaults: the paper's recipe, ALGORITHM.md section 2)."""
+    """Optimiser, schedule, precision and step layout (defaults: the paper's recipe, docs/METHOD.md section 2)."""
 
     lr: float = 3e-4
     b1: float = 0.9

@@ -1,5 +1,5 @@
 """Layer plans and patch orders: which teacher block each student layer stands for, and in which sequence the
-blocks are patched back (docs/METHOD.md, "The plan" and "Orders").
+blocks are patched back (docs/METHOD.md, sections 1 and 3).
 
 A `LayerPlan` cuts the teacher's layers into contiguous blocks, one per student layer. An order is the sequence
 in which the multi-layer blocks are patched; step k patches its first k. The paper's two named orders are

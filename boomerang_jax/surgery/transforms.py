@@ -1,5 +1,5 @@
-"""Pruning and zero-shot interpolation: pure functions on parameter pytrees (docs/METHOD.md, "Pruning" and
-"Interpolation").
+"""Pruning and zero-shot interpolation: pure functions on parameter pytrees (docs/METHOD.md, sections 1
+and 3).
 
 `prune` keeps the first layer of every block of a `LayerPlan`; `interpolate` swaps any subset of student layers
 back for their teacher blocks. The embedding comes from whoever supplies the first layer, the final norm and LM
