@@ -109,12 +109,26 @@ class ModelConfig:
         return cls.from_hf(hf, source=str(path))
 
 
+def _check_rope_keys_agree(new: dict[str, Any], legacy: dict[str, Any], source: str) -> None:
+    """Both `rope_parameters` and the legacy `rope_scaling`: transformers lets `rope_scaling` win, silently. A model
+    read one way and exported the other would differ, so any disagreement is an error naming both keys."""
+    norm = lambda d: {("rope_type" if k == "type" else k): v for k, v in d.items() if k != "rope_theta"}  # noqa: E731
+    a, b = norm(new), norm(legacy)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if differ:
+        raise ConfigError(
+            f"{source}: rope_parameters {new} and the legacy rope_scaling {legacy} disagree on {differ}; "
+            "transformers reads rope_scaling and ignores rope_parameters, so the model is ambiguous: keep one of them")
+
+
 def _rope_parameters(hf: dict[str, Any], source: str) -> dict[str, Any]:
     """Normalise transformers-5 `rope_parameters` and older `rope_theta`/`rope_scaling`/`rotary_pct` keys."""
     rp = dict(hf.get("rope_parameters") or {})
     if "rope_theta" not in rp:
         rp["rope_theta"] = hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
     scaling = hf.get("rope_scaling")
+    if scaling and hf.get("rope_parameters"):
+        _check_rope_keys_agree(hf["rope_parameters"], scaling, source)
     if scaling:
         rp.update({k: v for k, v in scaling.items() if k != "type"})
         rp.setdefault("rope_type", scaling.get("type", scaling.get("rope_type")))
