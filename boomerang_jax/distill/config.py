@@ -22,7 +22,7 @@ import yaml
 
 from boomerang_jax.data.pipeline import DataConfig
 from boomerang_jax.distill.loss import LossConfig
-from boomerang_jax.distill.step import TrainConfig
+from boomerang_jax.distill.optim import TrainConfig
 from boomerang_jax.infra import storage
 from boomerang_jax.infra.parallel import MeshConfig
 from boomerang_jax.surgery.plan import LayerPlan

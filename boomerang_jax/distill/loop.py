@@ -19,7 +19,8 @@ import numpy as np
 
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer
-from boomerang_jax.distill.step import Distiller, TrainState
+from boomerang_jax.distill.optim import TrainState
+from boomerang_jax.distill.step import Distiller
 from boomerang_jax.infra import parallel, storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.surgery import count_params

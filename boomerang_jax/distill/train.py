@@ -33,7 +33,8 @@ from boomerang_jax.distill.loop import (  # noqa: F401  (flops_per_token, Traini
     flops_per_token,
     peak_flops,
 )
-from boomerang_jax.distill.step import Distiller, TrainState
+from boomerang_jax.distill.optim import TrainState, abstract_train_state
+from boomerang_jax.distill.step import Distiller
 from boomerang_jax.hf.load import load_hf
 from boomerang_jax.hf.sources import load_model
 from boomerang_jax.infra import parallel, storage
@@ -165,12 +166,7 @@ def _set_up(cfg: RunConfig, log: Callable[[str], None]) -> _Run:
     latest = ckpt.latest_step()
     data_cfg = _data_config(cfg.data.train, mesh)
     if latest is not None:
-        shapes = TrainState(
-            params=param_shapes(student_config, jnp.dtype(tcfg.param_dtype)),
-            opt_state=jax.eval_shape(distiller.optimizer.init, param_shapes(student_config,
-                                                                            jnp.dtype(tcfg.param_dtype))),
-            step=jax.ShapeDtypeStruct((), jnp.int32),
-        )
+        shapes = abstract_train_state(param_shapes(student_config, jnp.dtype(tcfg.param_dtype)), tcfg)
         state, data_state, saved_meta = ckpt.restore(latest, abstract_like(shapes, distiller.state_shardings))
         if saved_meta.get("plan") != plan.to_dict():
             raise ValueError(f"{run_dir}: its checkpoints were made with a different layer plan; "

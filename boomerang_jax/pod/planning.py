@@ -29,6 +29,9 @@ from boomerang_jax.distill.config import RunConfig
 from boomerang_jax.distill.loop import flops_per_token
 from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.optim import TrainConfig, make_optimizer, opt_state_shardings
+from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
+from boomerang_jax.hf.known_configs import known_config
+from boomerang_jax.hf.sources import EMBEDDED_TEACHER
 from boomerang_jax.infra import parallel, storage
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
 from boomerang_jax.models import sharding
@@ -48,13 +51,8 @@ class PlanningError(ValueError):
 def model_config_for(spec: str) -> ModelConfig:
     """A model's config without its weights: embedded teacher / .gguf (metadata), HF dir or gs:// dir
     (config.json), a paper teacher's hub id (built-in table), or another hub id (downloads config.json)."""
-    from boomerang_jax.hf.known_configs import known_config
-    from boomerang_jax.hf.sources import EMBEDDED_TEACHER
-
     spec = str(spec)
     if spec == EMBEDDED_TEACHER or spec.endswith(".gguf"):
-        from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
-
         return ModelConfig.from_hf(read_gguf(default_teacher_path() if spec == EMBEDDED_TEACHER else spec).hf_config,
                                    source=spec)
     path = storage.join(spec, "config.json")
