@@ -66,7 +66,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    from boomerang_jax.hf.verify import verify_main
+    from boomerang_jax.commands.verify import verify_main
 
     return verify_main(args)
 
@@ -103,22 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-3)
     p.set_defaults(func=verify_command)
 
+    from boomerang_jax.commands.data import (
+        add_prepare_arguments,
+        add_teacher_text_arguments,
+        prepare_command,
+        teacher_text_command,
+    )
     from boomerang_jax.commands.distill import add_distill_arguments, distill_command
     from boomerang_jax.commands.eval import add_eval_arguments, eval_command
+    from boomerang_jax.commands.family import (
+        add_interpolate_arguments,
+        add_prune_arguments,
+        interpolate_command,
+        prune_command,
+    )
+    from boomerang_jax.commands.lm_eval import add_lm_eval_arguments, lm_eval_command
     from boomerang_jax.commands.pod import (
         add_compile_arguments,
         add_plan_memory_arguments,
         compile_command,
         plan_memory_command,
-    )
-    from boomerang_jax.data.prepare import add_prepare_arguments, prepare_command
-    from boomerang_jax.data.teacher_text import add_teacher_text_arguments, teacher_text_command
-    from boomerang_jax.eval.harness import add_lm_eval_arguments, lm_eval_command
-    from boomerang_jax.surgery.family_export import (
-        add_interpolate_arguments,
-        add_prune_arguments,
-        interpolate_command,
-        prune_command,
     )
 
     for name, help_, add, func in [

@@ -12,7 +12,8 @@ import pytest
 
 from boomerang_jax.data.packing import check_batch, document_features, pack
 from boomerang_jax.data.pipeline import DataConfig, dataset_info, host_documents, make_iterator, open_documents
-from boomerang_jax.data.prepare import Metadata, add_prepare_arguments, prepare_command, prepare_dataset
+from boomerang_jax.commands.data import add_prepare_arguments, prepare_command
+from boomerang_jax.data.prepare import Metadata, prepare_dataset
 from boomerang_jax.data.sources import SourceError, iter_files, open_source, split_paragraphs
 from boomerang_jax.data.tokenize import DocumentEncoder
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
+from boomerang_jax.commands import family as fam_cli
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.hf.load import CheckpointError, load_hf
 from boomerang_jax.models.transformer import forward
@@ -27,6 +28,7 @@ from boomerang_jax.surgery import (
     prune,
 )
 from boomerang_jax.surgery import family_export as fam
+from boomerang_jax.surgery import tensors
 from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
 
 SPECS = {k: EIGHT_LAYER_CONFIGS[k] for k in ("llama-tied", "qwen3-untied", "neox")}
@@ -68,7 +70,7 @@ def assert_trees_equal(a, b) -> None:
 
 def cli(**kw) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    fam.add_interpolate_arguments(parser)
+    fam_cli.add_interpolate_arguments(parser)
     argv = []
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -81,7 +83,7 @@ def cli(**kw) -> argparse.Namespace:
 def test_streamed_family_equals_in_memory_interpolation(pairs, tmp_path, name, order):
     t_dir, s_dir, teacher, student = pairs[name]
     out = tmp_path / "family"
-    family = fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, order=order)
+    family = fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, order=order)
     assert [s["k"] for s in family["sizes"]] == [0, 1, 2, 3]
     assert json.loads((out / "family.json").read_text()) == family
     for entry in family["sizes"]:
@@ -107,7 +109,7 @@ def test_streamed_family_equals_in_memory_interpolation(pairs, tmp_path, name, o
 def test_tied_teacher_sizes_reload_in_transformers_with_jax_logits(pairs, tmp_path, order, untied):
     t_dir, s_dir, teacher, student = pairs["llama-tied"]
     out = tmp_path / "family"
-    family = fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, order=order, ks=[1, 2])
+    family = fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, order=order, ks=[1, 2])
     for entry in family["sizes"]:
         expected = interpolate(student, teacher, PLAN, patched_for(PLAN, order, entry["k"]))
         cfg = json.loads((out / entry["dir"] / "config.json").read_text())
@@ -121,7 +123,7 @@ def test_tied_teacher_sizes_reload_in_transformers_with_jax_logits(pairs, tmp_pa
 def test_sharded_family_sizes_reload_identically(pairs, tmp_path):
     t_dir, s_dir, teacher, student = pairs["neox"]
     out = tmp_path / "family"
-    fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, ks=[2], max_shard_bytes=30_000)
+    fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, ks=[2], max_shard_bytes=30_000)
     size = next(p for p in out.iterdir() if p.is_dir())
     assert (size / "model.safetensors.index.json").exists()
     assert_trees_equal(load_hf(size, to_device=False).params,
@@ -132,11 +134,11 @@ def test_sharded_family_sizes_reload_identically(pairs, tmp_path):
 def test_auto_dtype_is_float32_for_mixed_inputs_and_explicit_bf16_is_honoured(pairs, tmp_path):
     t_dir, _, teacher, student = pairs["qwen3-untied"]
     save_hf(tmp_path / "s16", student.config, student.params, dtype="bfloat16", extra_files=fam.plan_files(PLAN))
-    s16 = fam.open_source(tmp_path / "s16")
+    s16 = fam_cli.open_source(tmp_path / "s16")
     assert s16.dtype == np.dtype(ml_dtypes.bfloat16)
-    family = fam.export_family(s16, fam.open_source(t_dir), tmp_path / "a", ks=[1])
+    family = fam.export_family(s16, fam_cli.open_source(t_dir), tmp_path / "a", ks=[1])
     assert family["dtype"] == "float32"
-    family = fam.export_family(s16, fam.open_source(t_dir), tmp_path / "b", ks=[1], dtype="bfloat16")
+    family = fam.export_family(s16, fam_cli.open_source(t_dir), tmp_path / "b", ks=[1], dtype="bfloat16")
     got = load_hf(tmp_path / "b" / family["sizes"][0]["dir"], dtype="bfloat16", to_device=False)
     expected = interpolate(student, teacher, PLAN, patched_for(PLAN, "last-to-first", 1))
     assert_trees_equal(got.params, jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), expected.params))
@@ -145,39 +147,39 @@ def test_auto_dtype_is_float32_for_mixed_inputs_and_explicit_bf16_is_honoured(pa
 # ------------------------------------------------------------------------------------------ commands
 def test_interpolate_command_sizes_and_plan_override(pairs, tmp_path, capsys):
     t_dir, s_dir, _, _ = pairs["llama-tied"]
-    assert fam.interpolate_command(cli(student=s_dir, teacher=t_dir, out=tmp_path / "a", sizes="k=0,2-3")) == 0
+    assert fam_cli.interpolate_command(cli(student=s_dir, teacher=t_dir, out=tmp_path / "a", sizes="k=0,2-3")) == 0
     assert [s["k"] for s in json.loads((tmp_path / "a" / "family.json").read_text())["sizes"]] == [0, 2, 3]
     assert "k=2" in capsys.readouterr().out
     args = cli(student=s_dir, teacher=t_dir, out=tmp_path / "b", sizes="6,8", order="first-to-last")
-    assert fam.interpolate_command(args) == 0
+    assert fam_cli.interpolate_command(args) == 0
     sizes = json.loads((tmp_path / "b" / "family.json").read_text())["sizes"]
     assert [(s["k"], s["num_layers"]) for s in sizes] == [(1, 6), (3, 8)]
     # the plan may also come from --plan (a spec, or a family.json), overriding the student's file
     args = cli(student=s_dir, teacher=t_dir, out=tmp_path / "c", sizes="k=1", plan="every=2,first=1,last=2")
-    assert fam.interpolate_command(args) == 0
+    assert fam_cli.interpolate_command(args) == 0
     args = cli(student=s_dir, teacher=t_dir, out=tmp_path / "d", sizes="k=1", plan=tmp_path / "a" / "family.json")
-    assert fam.interpolate_command(args) == 0
+    assert fam_cli.interpolate_command(args) == 0
     with pytest.raises(SurgeryError, match="plan has 4 blocks .student layers., but the student has 5 layers"):
-        fam.interpolate_command(cli(student=s_dir, teacher=t_dir, out=tmp_path / "e", plan="every=3"))
+        fam_cli.interpolate_command(cli(student=s_dir, teacher=t_dir, out=tmp_path / "e", plan="every=3"))
 
 
 def test_student_without_plan_needs_plan_flag(pairs, tmp_path):
     t_dir, _, _, student = pairs["llama-tied"]
     save_hf(tmp_path / "s", student.config, student.params)
     with pytest.raises(fam.FamilyError, match="no boomerang_plan.json; pass --plan"):
-        fam.interpolate_command(cli(student=tmp_path / "s", teacher=t_dir, out=tmp_path / "out"))
-    assert fam.interpolate_command(cli(student=tmp_path / "s", teacher=t_dir, out=tmp_path / "out",
+        fam_cli.interpolate_command(cli(student=tmp_path / "s", teacher=t_dir, out=tmp_path / "out"))
+    assert fam_cli.interpolate_command(cli(student=tmp_path / "s", teacher=t_dir, out=tmp_path / "out",
                                        plan="every=2,first=1,last=2", sizes="k=1")) == 0
 
 
 def test_prune_command_writes_the_student_with_its_plan(pairs, tmp_path):
     t_dir, _, teacher, _ = pairs["neox"]
     parser = argparse.ArgumentParser()
-    fam.add_prune_arguments(parser)
+    fam_cli.add_prune_arguments(parser)
     args = parser.parse_args(["--teacher", str(t_dir), "--out", str(tmp_path / "s"), "--plan", "every=3"])
-    assert fam.prune_command(args) == 0
+    assert fam_cli.prune_command(args) == 0
     plan = LayerPlan.from_knobs(8, every=3)
-    src = fam.open_source(tmp_path / "s")
+    src = fam_cli.open_source(tmp_path / "s")
     assert src.plan == plan
     assert_trees_equal(load_hf(tmp_path / "s", to_device=False).params, prune(teacher.params, teacher.config, plan).params)
 
@@ -203,11 +205,11 @@ def test_parse_sizes():
 def test_existing_family_is_kept_unless_overwrite_and_a_failed_export_leaves_it_intact(pairs, tmp_path):
     t_dir, s_dir, _, _ = pairs["llama-tied"]
     out = tmp_path / "family"
-    fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, ks=[0])
+    fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, ks=[0])
     before = (out / "family.json").read_text()
     with pytest.raises(fam.FamilyError, match="already exists"):
-        fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, ks=[1])
-    teacher = fam.open_source(t_dir)
+        fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, ks=[1])
+    teacher = fam_cli.open_source(t_dir)
     good_get = teacher.get
 
     def failing_get(path, layer):
@@ -217,10 +219,10 @@ def test_existing_family_is_kept_unless_overwrite_and_a_failed_export_leaves_it_
 
     teacher.get = failing_get
     with pytest.raises(OSError, match="disk on fire"):
-        fam.export_family(fam.open_source(s_dir), teacher, out, overwrite=True)
+        fam.export_family(fam_cli.open_source(s_dir), teacher, out, overwrite=True)
     assert (out / "family.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["family"]  # no partial directories left
-    fam.export_family(fam.open_source(s_dir), fam.open_source(t_dir), out, ks=[1], overwrite=True)
+    fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(t_dir), out, ks=[1], overwrite=True)
     assert [s["k"] for s in json.loads((out / "family.json").read_text())["sizes"]] == [1]
     assert sorted(p.name for p in out.iterdir()) == ["family.json", "k1-6L"]
 
@@ -229,14 +231,14 @@ def test_mismatched_models_are_clear_errors(pairs, tmp_path):
     _, s_dir, _, _ = pairs["llama-tied"]
     q_dir = pairs["qwen3-untied"][0]
     with pytest.raises(SurgeryError, match="differ in model_type: 'llama' .student. vs 'qwen3' .teacher."):
-        fam.export_family(fam.open_source(s_dir), fam.open_source(q_dir), tmp_path / "x")
+        fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(q_dir), tmp_path / "x")
     spec = dict(SPECS["llama-tied"], hidden_size=48, head_dim=12)
     build_hf_model(spec).save_pretrained(tmp_path / "wide")
     with pytest.raises(SurgeryError, match="differ in hidden_size"):
-        fam.export_family(fam.open_source(s_dir), fam.open_source(tmp_path / "wide"), tmp_path / "x")
+        fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(tmp_path / "wide"), tmp_path / "x")
     build_hf_model(dict(SPECS["llama-tied"], num_hidden_layers=6)).save_pretrained(tmp_path / "short")
     with pytest.raises(SurgeryError, match="plan is for a 8-layer teacher, but the teacher has 6 layers"):
-        fam.export_family(fam.open_source(s_dir), fam.open_source(tmp_path / "short"), tmp_path / "x")
+        fam.export_family(fam_cli.open_source(s_dir), fam_cli.open_source(tmp_path / "short"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -245,11 +247,11 @@ def test_unsupported_sources_are_clear_errors(tmp_path):
     (ckpt / "500").mkdir(parents=True)
     (ckpt / "500" / "_CHECKPOINT_METADATA").write_text("{}")
     with pytest.raises(fam.FamilyError, match="orbax training checkpoint"):
-        fam.open_source(ckpt)
+        fam_cli.open_source(ckpt)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(SPECS["llama-tied"]))
     with pytest.raises(CheckpointError, match=r"empty: no \*\.safetensors weights found"):
-        fam.open_source(tmp_path / "empty")
+        fam_cli.open_source(tmp_path / "empty")
 
 
 def test_corrupt_plan_file_names_the_file(pairs, tmp_path):
@@ -257,7 +259,7 @@ def test_corrupt_plan_file_names_the_file(pairs, tmp_path):
     save_hf(tmp_path / "s", student.config, student.params,
             extra_files={fam.PLAN_FILE: b'{"num_teacher_layers": 8, "blocks": [[0, 1], [3]]}'})
     with pytest.raises(PlanError, match=r"s/boomerang_plan.json: teacher layer 2 is in no block"):
-        fam.open_source(tmp_path / "s")
+        fam_cli.open_source(tmp_path / "s")
 
 
 def test_checkpoint_readers_hook_is_consulted_first(pairs, tmp_path, monkeypatch):
@@ -266,10 +268,10 @@ def test_checkpoint_readers_hook_is_consulted_first(pairs, tmp_path, monkeypatch
 
     def reader(path):
         calls.append(path)
-        return fam.source_from_params(student.config, student.params, where=str(path), plan=PLAN)
+        return tensors.source_from_params(student.config, student.params, where=str(path), plan=PLAN)
 
-    monkeypatch.setattr(fam, "CHECKPOINT_READERS", [reader])
-    src = fam.open_source(tmp_path / "anything")
+    monkeypatch.setattr(fam_cli, "CHECKPOINT_READERS", [reader])
+    src = fam_cli.open_source(tmp_path / "anything")
     assert calls and src.plan == PLAN and src.config == student.config
 
 
@@ -280,4 +282,4 @@ def test_mis_shaped_tensor_in_a_source_names_file_and_tensor(pairs, tmp_path):
     (path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=50)))
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' "
                                               r"has shape \(48, 32\), expected \(50, 32\)"):
-        fam.open_source(path)
+        fam_cli.open_source(path)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from boomerang_jax.commands import family as fam_cli
 from boomerang_jax.hf.export import ExportError, save_hf
 from boomerang_jax.hf.load import CheckpointError, load_hf
 from boomerang_jax.infra import storage
@@ -121,7 +122,7 @@ def test_teacher_snapshot_in_a_bucket_loads_like_the_local_directory_and_is_cach
     teacher, _ = tiny_pair
     storage.upload_dir(teacher, f"{bucket}/teacher")
     ck = load_hf(f"{bucket}/teacher")
-    assert ck.source == f"{bucket}/teacher"
+    assert ck.where == f"{bucket}/teacher"
     assert_same_params(ck.params, load_hf(teacher).params)
     # Unchanged objects: the cached copy is reused without downloading anything.
     fs = storage._fs(bucket)
@@ -184,7 +185,7 @@ def test_family_exports_to_a_bucket_and_verify_reads_it_back(bucket, tiny_pair, 
     assert [s["num_layers"] for s in family["sizes"]] == [3, 4]
     assert family["student"] == f"{bucket}/student"
     local = tiny_pair[0].parent / "family-local"
-    fam.export_family(fam.open_source(student), fam.open_source(teacher), local)
+    fam.export_family(fam_cli.open_source(student), fam_cli.open_source(teacher), local)
     for size in family["sizes"]:
         assert_same_params(load_hf(f"{bucket}/family/{size['dir']}").params, load_hf(local / size["dir"]).params)
     capsys.readouterr()
@@ -194,10 +195,10 @@ def test_family_exports_to_a_bucket_and_verify_reads_it_back(bucket, tiny_pair, 
 
 
 def test_an_interrupted_family_upload_never_looks_complete(bucket, tiny_pair, crash_after):
-    from boomerang_jax.hf.verify import verify_target
+    from boomerang_jax.commands.verify import verify_target
 
     teacher, student = tiny_pair
-    s, t = fam.open_source(student), fam.open_source(teacher)
+    s, t = fam_cli.open_source(student), fam_cli.open_source(teacher)
     dest = f"{bucket}/family"
     fam.export_family(s, t, dest)
     objects = list(storage.list_files(dest))

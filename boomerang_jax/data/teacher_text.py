@@ -9,10 +9,8 @@ source with `boomerang prepare-data`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -96,32 +94,3 @@ def write_teacher_text(
     storage.write_text_atomic(out_path, "\n".join(lines) + "\n")
     return {"path": str(out_path), "documents": len(lines), "tokens": n_tokens, "length": length,
             "temperature": temperature, "seed": seed, "start_token": start_token}
-
-
-def add_teacher_text_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `boomerang teacher-text`."""
-    p.add_argument("--teacher", required=True, help="smollm2-135m, a .gguf file, an HF dir or hub id")
-    p.add_argument("--out", required=True, help="jsonl file to write (local or gs://)")
-    p.add_argument("--tokens", type=int, default=100_000, help="about how many tokens to write")
-    p.add_argument("--length", type=int, default=128, help="tokens per document at most")
-    p.add_argument("--batch", type=int, default=64, help="documents sampled at once")
-    p.add_argument("--temperature", type=float, default=1.0, help="1.0 samples the teacher's own distribution")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start-token", default="<|endoftext|>", help="document separator each sample begins after")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-
-
-def teacher_text_command(args: argparse.Namespace) -> int:
-    from boomerang_jax.data.tokenize import load_tokenizer, tokenizer_from_files
-    from boomerang_jax.hf.sources import load_model
-
-    if storage.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    ck = load_model(args.teacher)
-    # the checkpoint carries its tokenizer files (GGUF, HF dir): no second read of the model file
-    tok = tokenizer_from_files(ck.tokenizer_files) if ck.tokenizer_files else load_tokenizer(args.teacher)
-    info = write_teacher_text(ck.params, ck.config, tok, args.out, tokens=args.tokens, length=args.length,
-                              batch=args.batch, temperature=args.temperature, seed=args.seed,
-                              start_token=args.start_token, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(info))
-    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,13 +11,16 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
+from boomerang_jax.hf.load import TOKENIZER_FILES
+from boomerang_jax.hf.sources import EMBEDDED_TEACHER
+from boomerang_jax.infra import storage
+
 
 def refuse_remote_code(tokenizer_dir: str | os.PathLike) -> None:
     """A ValueError naming the file and key when a local tokenizer directory asks for custom code
     (`auto_map` in tokenizer_config.json or config.json): boomerang-jax never runs code from a model
     directory (every transformers load passes trust_remote_code=False; this makes the refusal say why)."""
-    import json
-
     for fname in ("tokenizer_config.json", "config.json"):
         path = Path(tokenizer_dir) / fname
         if not path.is_file():
@@ -33,7 +37,7 @@ def refuse_remote_code(tokenizer_dir: str | os.PathLike) -> None:
 
 
 def tokenizer_from_files(files: dict[str, bytes]) -> Any:
-    """A transformers tokenizer from in-memory tokenizer files (as carried by a Checkpoint or a GGUF file)."""
+    """A transformers tokenizer from in-memory tokenizer files (as a Model or a GGUF file carries them)."""
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
@@ -46,20 +50,13 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
 def load_tokenizer(spec: str | os.PathLike) -> Any:
     """The tokenizer of a model spec: an HF dir (local or gs://) or hub id, a .gguf file, or the embedded
     teacher's name."""
-    from boomerang_jax.hf.sources import EMBEDDED_TEACHER
-
     spec = str(spec)
     if spec == EMBEDDED_TEACHER or spec.endswith(".gguf"):
-        from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
-
         g = read_gguf(default_teacher_path() if spec == EMBEDDED_TEACHER else spec)
         return tokenizer_from_files(g.tokenizer_files)
     from transformers import AutoTokenizer
 
     if "://" in spec:  # gs://: fetch only the tokenizer files (cached), not the weights
-        from boomerang_jax.hf.load import TOKENIZER_FILES
-        from boomerang_jax.infra import storage
-
         scheme, bucket, key = storage.split_url(spec)
         spec = str(storage.local_copy(spec, include=[*TOKENIZER_FILES, "config.json"], what="tokenizer directory",
                                       dest=storage.cache_root() / "tokenizers" / scheme / bucket / key))

@@ -189,11 +189,12 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.surgery.family_export import export_family, materialise, open_source, parse_sizes
+    from boomerang_jax.surgery.family_export import export_family, parse_sizes
     from boomerang_jax.surgery.orders import DATA_ORDERS, order_from_data
+    from boomerang_jax.surgery.tensors import materialise, open_hf_source
 
     student = read_student_checkpoint(out / "distill")
-    teacher = open_source(out / "teacher")
+    teacher = open_hf_source(out / "teacher")
     order: Any = s.order
     info: dict[str, Any] = {}
     if s.order in DATA_ORDERS:
@@ -227,10 +228,11 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     from boomerang_jax.eval.perplexity import perplexity
     from boomerang_jax.hf.load import load_hf
     from boomerang_jax.surgery import count_params, interpolate, num_steps, patched_for, prune
-    from boomerang_jax.surgery.baselines import block_influence, drop_layers, layers_to_drop
-    from boomerang_jax.surgery.family_export import materialise
+    from boomerang_jax.surgery.baselines import block_influence, shortgpt_family
+    from boomerang_jax.surgery.family_export import read_family
+    from boomerang_jax.surgery.tensors import materialise
 
-    family = json.loads((out / "family" / "family.json").read_text())
+    family = read_family(out / "family")
     rows_path = out / "eval.jsonl"
     done = {(r["method"], r["num_layers"]) for r in map(json.loads, rows_path.read_text().splitlines())} \
         if rows_path.exists() else set()
@@ -267,8 +269,7 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
         record("boomerang", cfg, params, {"k": size["k"], "dir": size["dir"]})
         cfg, params = interpolate(pruned, (teacher.config, teacher.params), plan, patched)
         record("naive-pruning", cfg, params, {"k": size["k"]})
-        drop = layers_to_drop(influence, teacher.config.num_layers - size["num_layers"])
-        cfg, params = drop_layers(teacher.params, teacher.config, drop)
+        [(drop, (cfg, params))] = shortgpt_family(teacher.params, teacher.config, influence, [size["num_layers"]])
         record("shortgpt", cfg, params, {"k": size["k"], "dropped": drop})
     for order in s.also_orders:  # the paper's fixed orders, at the sizes strictly between student and teacher
         if order == family["order"]:
@@ -283,12 +284,13 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.demo.run.report import write_report
+    from boomerang_jax.demo.report import write_report
     from boomerang_jax.hf.verify import verify_export
+    from boomerang_jax.surgery.family_export import read_family
 
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     write_report(rows, out, title=f"Boomerang distillation demo: {s.teacher}, {s.steps} steps")
-    family = json.loads((out / "family" / "family.json").read_text())
+    family = read_family(out / "family")
     mid = family["sizes"][len(family["sizes"]) // 2]
     report = verify_export(out / "family" / mid["dir"], num_sequences=2, seq_len=32)
     (out / "verify.txt").write_text(str(report) + "\n")

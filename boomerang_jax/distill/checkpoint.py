@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from boomerang_jax.infra import storage
+from boomerang_jax.models.model import HFFiles
+from boomerang_jax.surgery.tensors import TensorSource, source_from_params
 
 ITEMS = ("state", "data", "meta")
 # Distributions whose versions a checkpoint records (the packages that decide its numerics, layout and data order).
@@ -145,8 +147,8 @@ def _checkpoint_dir_and_step(path: str) -> tuple[str, int | None] | None:
     return None
 
 
-def read_student_checkpoint(path: str | Path) -> Any:
-    """A family `Source` for the student of a distillation checkpoint (latest step unless a step dir is given).
+def read_student_checkpoint(path: str | Path) -> TensorSource | None:
+    """A `TensorSource` for the student of a distillation checkpoint (latest step unless a step dir is given).
 
     Restores on the host without a mesh; the plan, configs and teacher config come from the checkpoint's meta.
     Local or `gs://`. Returns None when `path` is not a distillation checkpoint (so other readers can try).
@@ -155,7 +157,6 @@ def read_student_checkpoint(path: str | Path) -> Any:
     from boomerang_jax.models.config import ModelConfig
     from boomerang_jax.models.transformer import param_shapes
     from boomerang_jax.surgery import LayerPlan
-    from boomerang_jax.surgery.family_export import source_from_params
 
     found = _checkpoint_dir_and_step(str(path) if storage.is_remote(path) else os.path.abspath(path))
     if found is None:
@@ -181,5 +182,6 @@ def read_student_checkpoint(path: str | Path) -> Any:
     finally:
         ckpt.close()
     params = jax.tree.map(np.asarray, state.params)
-    return source_from_params(config, params, where=f"{directory} step {step}", hf_config=meta.get("hf_config"),
+    return source_from_params(config, params, where=f"{directory} step {step}",
+                              files=HFFiles(hf_config=dict(meta.get("hf_config") or {})),
                               plan=LayerPlan.from_dict(meta["plan"], source=f"{directory} step {step} meta"))

@@ -1,6 +1,6 @@
 """Write a model as an HF directory: sharded safetensors + index, config.json, generation config, tokenizer.
 
-Local or `gs://` (boomerang_jax.infra.storage.publish_dir): locally the directory is assembled in a hidden
+Local or `gs://` (boomerang_jax.infra.publish.publish_dir): locally the directory is assembled in a hidden
 temporary sibling and renamed into place at the end, so a killed export never looks complete and an existing
 good export is only replaced by a finished one. On a bucket every object is uploaded before `config.json`
 (the marker readers require), so a killed upload leaves no directory that looks like a model.
@@ -11,24 +11,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
 
 from boomerang_jax.hf import names
-from boomerang_jax.hf.load import CheckpointError, check_finite, np_dtype
+from boomerang_jax.hf.load import CheckpointError, LeafGetter, check_finite, np_dtype
 from boomerang_jax.hf.safetensors_io import TensorSpec, dtype_name, write_safetensors
-from boomerang_jax.infra import storage
+from boomerang_jax.infra import publish, storage
 from boomerang_jax.models.config import ModelConfig, to_hf
 from boomerang_jax.models.transformer import Params
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 COMMIT_ORDER = ("model.safetensors.index.json", "config.json")  # uploaded last, in this order
 _TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-# Given (path under the params root, layer or None) return that leaf (already sliced to the layer).
-LeafGetter = Callable[[tuple[str, ...], "int | None"], np.ndarray]
 
 
 class ExportError(ValueError):
@@ -112,7 +109,7 @@ def save_hf(
     dt = np_dtype(dtype)
     specs = tensor_specs(config, dt)
     shards = _shard(specs, max_shard_bytes)
-    with storage.publish_dir(out_dir, marker="config.json", overwrite=overwrite, last=COMMIT_ORDER,
+    with publish.publish_dir(out_dir, marker="config.json", overwrite=overwrite, last=COMMIT_ORDER,
                              error=ExportError) as pub:
         tmp = pub.path
         stream = _finite_after_cast(hf_tensors(config, get), dt)

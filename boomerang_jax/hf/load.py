@@ -1,22 +1,22 @@
-"""Load an HF checkpoint (local dir or hub id) into (ModelConfig, params), streaming tensor by tensor."""
+"""Load an HF checkpoint (local dir or hub id) into a Model, streaming tensor by tensor, or open its tensors lazily."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_dtypes
 import numpy as np
 
 from boomerang_jax.hf import names
-from boomerang_jax.hf.safetensors_io import SafetensorsFile
+from boomerang_jax.hf.safetensors_io import SafetensorsFile, iter_tensors
 from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.model import HFFiles, Model
 from boomerang_jax.models.transformer import Params, param_shapes
 
 TOKENIZER_FILES = (
@@ -28,21 +28,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What an HF model directory needs (hub snapshots and gs:// copies fetch only these; never pickles).
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja")
 
+# Given (path under the params root, layer or None) return that leaf (already sliced to the layer).
+LeafGetter = Callable[[tuple[str, ...], "int | None"], np.ndarray]
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded exactly: missing/unexpected/mis-shaped tensor, pickle, bad dir."""
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A model in memory with what is needed to write it back as an HF directory."""
-
-    config: ModelConfig
-    params: Params
-    hf_config: dict[str, Any]
-    tokenizer_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    generation_config: dict[str, Any] | None = None
-    source: str = ""
 
 
 def np_dtype(dtype: Any) -> np.dtype:
@@ -114,6 +105,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a model directory; a CheckpointError naming it when missing or malformed."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -145,35 +137,63 @@ def check_finite(array: np.ndarray, what: str, *, cast_from: np.ndarray | None =
     raise CheckpointError(f"{what}: {count} non-finite value(s) ({nan} NaN, {count - nan} inf) of {array.size}")
 
 
+class TensorSet:
+    """The HF tensors a config expects, checked as they are met (stream or headers): a CheckpointError names
+    the tensor and where it came from when one is stored twice, unexpected or mis-shaped, or when one is missing."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.expected: dict[str, tuple[names.Entry, int | None]] = {
+            e.name(layer): (e, layer) for e, layer in names.export_order(config)}
+        self.seen: dict[str, str] = {}
+
+    def check(self, name: str, shape: Iterable[int], where: str) -> tuple[names.Entry, int | None] | None:
+        """The (entry, layer) of tensor `name` met in `where`; None for one to skip (a buffer, a tied head)."""
+        c = self.config
+        if name in self.seen:
+            raise CheckpointError(f"tensor {name!r} is stored twice: in {self.seen[name]} and in {where}")
+        if name not in self.expected:
+            if names.IGNORED_TENSORS.search(name) or (c.tie_word_embeddings and name in ("lm_head.weight",
+                                                                                       "embed_out.weight")):
+                return None
+            raise CheckpointError(f"{where}: unexpected tensor {name!r} for a {c.model_type} model with "
+                                  f"{c.num_layers} layers")
+        entry, layer = self.expected[name]
+        if tuple(shape) != entry.hf_shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(shape)}, expected {entry.hf_shape}")
+        self.seen[name] = where
+        return entry, layer
+
+    def check_complete(self, where: str) -> None:
+        """A CheckpointError listing the expected tensors not met (in `where`)."""
+        missing = [n for n in self.expected if n not in self.seen]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CheckpointError(f"{where}: missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
 def params_from_tensors(
     config: ModelConfig,
     tensors: Iterable[tuple[str, np.ndarray, str]],
     dtype: Any = np.float32,
+    *,
+    where: str = "checkpoint",
 ) -> Params:
     """Fill a parameter tree from (HF name, array, where) triples, one tensor at a time.
 
     Peak memory is one copy of the model in `dtype` plus the tensor being converted. Missing, unexpected
-    or mis-shaped tensors are errors naming the tensor and where it came from.
+    or mis-shaped tensors are errors naming the tensor and where it came from (`where`: the whole checkpoint).
     """
     dt = np_dtype(dtype)
     shapes = param_shapes(config)
     buffers = jax.tree.map(lambda s: np.empty(s.shape, dt), shapes)
-    lookup: dict[str, tuple[names.Entry, int | None]] = {}
-    for e, layer in names.export_order(config):
-        lookup[e.name(layer)] = (e, layer)
-    seen: dict[str, str] = {}
-    for name, array, where in tensors:
-        if name in seen:
-            raise CheckpointError(f"tensor {name!r} is stored twice: in {seen[name]} and in {where}")
-        if name not in lookup:
-            if names.IGNORED_TENSORS.search(name) or (config.tie_word_embeddings and name in ("lm_head.weight", "embed_out.weight")):
-                continue
-            raise CheckpointError(f"{where}: unexpected tensor {name!r} for a {config.model_type} model with "
-                                  f"{config.num_layers} layers")
-        entry, layer = lookup[name]
-        if tuple(array.shape) != entry.hf_shape:
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(array.shape)}, expected {entry.hf_shape}")
-        check_finite(array, f"{where}: tensor {name!r}")
+    tensor_set = TensorSet(config)
+    for name, array, src in tensors:
+        found = tensor_set.check(name, array.shape, str(src))
+        if found is None:
+            continue
+        entry, layer = found
+        check_finite(array, f"{src}: tensor {name!r}")
         for target, leaf in zip(entry.targets, entry.split(array)):
             node = buffers if layer is None else buffers["layers"]
             for key in target:
@@ -183,14 +203,58 @@ def params_from_tensors(
             else:
                 node[layer] = leaf
             if _is_float(dt) and _is_float(array.dtype) and np.finfo(dt).max < np.finfo(array.dtype).max:
-                check_finite(node if layer is None else node[layer], f"{where}: tensor {name!r} cast to {dt}",
+                check_finite(node if layer is None else node[layer], f"{src}: tensor {name!r} cast to {dt}",
                              cast_from=leaf)
-        seen[name] = where
-    missing = [n for n in lookup if n not in seen]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"missing tensor(s): {', '.join(missing[:5])}{more}")
+    tensor_set.check_complete(where)
     return buffers
+
+
+def read_model_dir(path_or_id: str | os.PathLike) -> tuple[Path, ModelConfig, HFFiles]:
+    """An HF model directory (local, `gs://` or hub id; see resolve_dir) with its config and the files an
+    export carries along (config.json, tokenizer files, generation config)."""
+    model_dir = resolve_dir(path_or_id)
+    hf_config = read_json(model_dir / "config.json")
+    config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
+    gen = model_dir / "generation_config.json"
+    files = HFFiles(
+        hf_config=hf_config,
+        tokenizer_files={n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).exists()},
+        generation_config=read_json(gen) if gen.exists() else None,
+    )
+    return model_dir, config, files
+
+
+def lazy_tensors(model_dir: Path, config: ModelConfig) -> tuple[LeafGetter, np.dtype]:
+    """A LeafGetter over the memory-mapped safetensors of `model_dir` (split per docs/PARAMS.md, the last
+    tensor cached) and the dtype they are stored in; every header is checked now, no tensor is read."""
+    tensor_set = TensorSet(config)
+    tensor_file: dict[str, SafetensorsFile] = {}
+    embedding = names.export_order(config)[0][0].name()  # the stored dtype is the embedding's
+    dtype = None
+    for f in safetensors_files(model_dir):
+        st = SafetensorsFile(f)
+        for spec in st.specs():
+            if tensor_set.check(spec.name, spec.shape, str(f)) is None:
+                continue
+            tensor_file[spec.name] = st
+            if dtype is None or spec.name == embedding:
+                dtype = spec.dtype
+    tensor_set.check_complete(str(model_dir))
+    by_target: dict[tuple[tuple[str, ...], bool], tuple[names.Entry, int]] = {}
+    for e in names.entries(config):
+        for ti, target in enumerate(e.targets):
+            by_target[(target, e.per_layer)] = (e, ti)
+    cache: dict[str, tuple[np.ndarray, ...]] = {}
+
+    def get(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+        entry, ti = by_target[(tuple(path), layer is not None)]
+        name = entry.name(layer)
+        if name not in cache:
+            cache.clear()
+            cache[name] = entry.split(tensor_file[name].get(name))
+        return cache[name][ti]
+
+    return get, np.dtype(dtype)
 
 
 def _device_tree(tree: Params) -> Params:
@@ -203,27 +267,8 @@ def _device_tree(tree: Params) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def load_hf(path_or_id: str | os.PathLike, dtype: Any = np.float32, *, to_device: bool = True) -> Checkpoint:
+def load_hf(path_or_id: str | os.PathLike, dtype: Any = np.float32, *, to_device: bool = True) -> Model:
     """Load an HF causal-LM directory (or hub id) exactly: config, params cast to `dtype`, tokenizer files."""
-    model_dir = resolve_dir(path_or_id)
-    hf_config = read_json(model_dir / "config.json")
-    config = ModelConfig.from_hf(hf_config, source=str(model_dir / "config.json"))
-    files = safetensors_files(model_dir)
-
-    def stream() -> Iterator[tuple[str, np.ndarray, str]]:
-        for f in files:
-            with SafetensorsFile(f) as st:
-                for name in st.keys():
-                    yield name, st.get(name), str(f)
-
-    params = params_from_tensors(config, stream(), dtype)
-    gen = model_dir / "generation_config.json"
-    tokenizer_files = {n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).exists()}
-    return Checkpoint(
-        config=config,
-        params=_device_tree(params) if to_device else params,
-        hf_config=hf_config,
-        tokenizer_files=tokenizer_files,
-        generation_config=read_json(gen) if gen.exists() else None,
-        source=str(path_or_id),
-    )
+    model_dir, config, files = read_model_dir(path_or_id)
+    params = params_from_tensors(config, iter_tensors(safetensors_files(model_dir)), dtype, where=str(model_dir))
+    return Model(config, _device_tree(params) if to_device else params, files, where=str(path_or_id))

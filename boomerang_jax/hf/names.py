@@ -141,17 +141,6 @@ IGNORED_TENSORS = re.compile(
 )
 
 
-def tensor_names(config: ModelConfig) -> list[str]:
-    """All HF tensor names of a model with this config, in export order."""
-    out = []
-    for e in entries(config):
-        if e.per_layer:
-            out += [e.name(i) for i in range(config.num_layers)]
-        else:
-            out.append(e.name())
-    return out
-
-
 def export_order(config: ModelConfig) -> list[tuple[Entry, int | None]]:
     """(entry, layer) pairs in the order tensors are written: globals, then each layer's tensors together."""
     es = entries(config)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from boomerang_jax.hf.load import load_hf, resolve_dir
+from boomerang_jax.models.transformer import forward
 
 
 @dataclasses.dataclass
 class VerifyReport:
+    """One export checked against transformers: the largest logit difference, and whether it is within atol."""
+
     path: str
     max_abs_diff: float
     max_abs_logit: float
@@ -43,13 +49,8 @@ def verify_export(
     `path` is a local HF directory, a `gs://` one (read through a local cached copy) or a hub id. Uses random
     token ids (seeded) unless `tokens` [N, T] is given. Requires torch (the `torch` extra).
     """
-    import jax
-    import jax.numpy as jnp
-    import torch
+    import torch  # the `torch` extra: imported only when verifying
     from transformers import AutoModelForCausalLM
-
-    from boomerang_jax.hf.load import load_hf, resolve_dir
-    from boomerang_jax.models.transformer import forward
 
     if tokens is None:
         for flag, value in (("--num-sequences", num_sequences), ("--seq-len", seq_len)):
@@ -76,27 +77,3 @@ def verify_export(
         seq_len=int(tokens.shape[1]),
         atol=atol,
     )
-
-
-def verify_target(path: str | os.PathLike, **kwargs: Any) -> list[VerifyReport]:
-    """Verify an HF directory, or every size of a family directory (which must hold its family.json: a family
-    export without it did not finish). Local or `gs://`."""
-    from boomerang_jax.infra import storage
-    from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
-
-    if storage.exists(storage.join(path, FAMILY_FILE)):
-        return [verify_export(storage.join(path, size["dir"]), **kwargs) for size in read_family(path)["sizes"]]
-    if storage.is_remote(path) or storage.exists(path):
-        if not storage.exists(storage.join(path, "config.json")):
-            raise FileNotFoundError(
-                f"{path}: neither an HF model directory (no config.json) nor a family (no {FAMILY_FILE}); "
-                "an export to it may not have finished")
-    return [verify_export(path, **kwargs)]
-
-
-def verify_main(args: Any) -> int:
-    ok = True
-    for report in verify_target(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol):
-        print(report, flush=True)
-        ok = ok and report.ok
-    return 0 if ok else 1

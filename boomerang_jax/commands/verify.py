@@ -1,0 +1,33 @@
+"""`boomerang verify`: reload an HF export, or every size of a family, with transformers; compare logits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from boomerang_jax.hf.verify import VerifyReport, verify_export
+from boomerang_jax.infra import storage
+from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
+
+
+def verify_target(path: str | os.PathLike, **kwargs: Any) -> list[VerifyReport]:
+    """Verify an HF directory, or every size of a family directory (which must hold its family.json: a family
+    export without it did not finish). Local or `gs://`."""
+    if storage.exists(storage.join(path, FAMILY_FILE)):
+        return [verify_export(storage.join(path, size["dir"]), **kwargs) for size in read_family(path)["sizes"]]
+    if storage.is_remote(path) or storage.exists(path):
+        if not storage.exists(storage.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"{path}: neither an HF model directory (no config.json) nor a family (no {FAMILY_FILE}); "
+                "an export to it may not have finished")
+    return [verify_export(path, **kwargs)]
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """`boomerang verify PATH`: print one report per model; exit 1 when any differs by more than --atol."""
+    ok = True
+    for report in verify_target(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol):
+        print(report, flush=True)
+        ok = ok and report.ok
+    return 0 if ok else 1
