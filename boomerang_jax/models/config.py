@@ -16,6 +16,8 @@ import numpy as np
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3", "gpt_neox")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# How attention is computed (models/attention.py); not an architecture attribute and never written to config.json.
+ATTENTION_IMPLEMENTATIONS = ("xla", "splash", "auto", "splash-interpret")
 
 # HF attributes that do not change the forward math (or only training-time dropout, which we never apply).
 _IGNORED_KEYS = {
@@ -64,6 +66,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Attention implementation (see ATTENTION_IMPLEMENTATIONS); the same math either way, so students and teachers
+    # may differ in it and the HF export never writes it.
+    attention: str = "xla"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention={self.attention!r} is not an attention implementation; "
+                              f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
     @property
     def rope_dim(self) -> int:

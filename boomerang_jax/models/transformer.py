@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from boomerang_jax.models.attention import attend, attention_mask, cache_mask, resolve
 from boomerang_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -114,31 +115,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
-def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
-    """[B, 1, T, S] boolean for decoding with a key/value cache of S slots: a query at position p sees slots <= p."""
-    return (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, T, T] boolean: causal and within the same segment (padding, id 0, only sees padding)."""
-    t = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+def attention_inputs(implementation: str, segment_ids: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+    """What every layer's attention gets: (mask, segment ids); the [B, 1, T, T] mask is built only for xla."""
+    return (attention_mask(segment_ids) if implementation == "xla" else None), segment_ids
 
 
 class Attention(nn.Module):
+    """Self-attention through `models.attention.attend`; `implementation` is a resolved name (xla, splash, ...)."""
+
     config: ModelConfig
     dtype: Any
     param_dtype: Any
+    implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: tuple[jax.Array | None, jax.Array | None],
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
                  layer: jax.Array | None = None) -> Any:
-        """Attention output; with a cache `kv` (every layer's [L, B, S, Hkv, hd] keys, values), x's keys and
-        values are written into layer `layer`'s cache at slot `index` onward (in place: the stacks are a loop
-        carry), the queries attend over that layer's whole cache, and (output, new cache) is returned."""
+        """Attention output; `mask` is (mask, segment ids) from `attention_inputs` (or (cache mask, None)). With a
+        cache `kv` (every layer's [L, B, S, Hkv, hd] keys, values), x's keys and values are written into layer
+        `layer`'s cache at slot `index` onward (in place: the stacks are a loop carry), the queries attend over
+        that layer's whole cache (always xla), and (output, new cache) is returned."""
         c = self.config
         b, t, _ = x.shape
         dense = lambda n, f, bias: Dense(f, bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
@@ -154,12 +151,10 @@ class Attention(nn.Module):
             at = (layer, zero, jnp.asarray(index, jnp.int32), zero, zero)
             kv = tuple(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), at) for c_, new in zip(kv, (k, v)))
             k, v = (jax.lax.dynamic_index_in_dim(c_, layer, 0, keepdims=False) for c_ in kv)
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads * c.head_dim)
+        dense_mask, segment_ids = mask
+        implementation = "xla" if kv is not None else self.implementation
+        out = attend(q, k, v, implementation=implementation, dtype=self.dtype, segment_ids=segment_ids,
+                     mask=dense_mask).reshape(b, t, c.num_heads * c.head_dim)
         out = Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
         return out if kv is None else (out, kv)
 
@@ -190,16 +185,17 @@ class Block(nn.Module):
     dtype: Any
     param_dtype: Any
     collect: str = "none"
+    implementation: str = "xla"  # attention implementation, resolved (see models.attention.resolve)
 
     @nn.compact
-    def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: jax.Array, slot: jax.Array,
+    def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: Any, slot: jax.Array,
                  index: jax.Array | None = None):
         c = self.config
         h, buf = carry if self.collect in ("buffer", "cache") else (carry, None)
         kv = buf if self.collect == "cache" else None  # decoding: carry = (h, every layer's key/value cache)
         norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
-        attn = Attention(c, self.dtype, self.param_dtype, name="attn")(norm("attn_norm")(h), cos, sin, mask, kv, index,
-                                                                      slot)
+        attn = Attention(c, self.dtype, self.param_dtype, self.implementation, name="attn")(
+            norm("attn_norm")(h), cos, sin, mask, kv, index, slot)
         if kv is not None:
             attn, kv = attn
         if c.parallel_residual:
@@ -249,7 +245,8 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(c, positions)
         if cache is not None:
             return self._decode(embed, h, cos, sin, positions, cache, cache_index, return_logits)
-        mask = attention_mask(segment_ids)
+        implementation = resolve(c.attention, tokens.shape[-1], c.head_dim)
+        mask = attention_inputs(implementation, segment_ids)
         inner = sorted({i for i in idx if 0 < i < c.num_layers})
         collect = "none" if not inner else "buffer" if self.hidden_buffer else "stack"
         block = Block
@@ -261,7 +258,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
-        )(c, self.dtype, self.param_dtype, collect, name="layers")
+        )(c, self.dtype, self.param_dtype, collect, implementation, name="layers")
         h_in = h
         # slot of layer l's output (HF index l + 1) in the buffer; unrequested layers write to scratch slot n
         slot_of = {i: k for k, i in enumerate(inner)}
@@ -296,7 +293,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=c.num_layers,
         )(c, self.dtype, self.param_dtype, "cache", name="layers")
-        mask = cache_mask(positions, cache[0].shape[2])
+        mask = (cache_mask(positions, cache[0].shape[2]), None)
         (h, new_cache), _ = layers((h, tuple(cache)), cos, sin, mask, jnp.arange(c.num_layers, dtype=jnp.int32),
                                    index)
         final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)

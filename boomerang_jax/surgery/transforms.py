@@ -30,7 +30,7 @@ from boomerang_jax.surgery.plan import (
 
 # ModelConfig fields that may differ between a student and its teacher (everything else is the architecture).
 _NON_ARCH_FIELDS = {"num_layers", "tie_word_embeddings", "max_position_embeddings",
-                    "bos_token_id", "eos_token_id", "pad_token_id"}
+                    "bos_token_id", "eos_token_id", "pad_token_id", "attention"}
 
 
 

@@ -1,0 +1,160 @@
+"""Attention implementations: splash (Pallas interpret mode on CPU) equals the xla reference on packed rows, forward
+and gradients, alone and inside a whole model; the TPU kernel compiles ahead of time with smaller temporaries."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+from boomerang_jax.distill.loss import LossConfig, distill_loss
+from boomerang_jax.models import attention
+from boomerang_jax.models.config import ConfigError, ModelConfig, to_hf
+from boomerang_jax.models.transformer import REMAT_POLICIES, forward, head_kernel, init_params
+from boomerang_jax.surgery.plan import LayerPlan
+from boomerang_jax.surgery.transforms import check_compatible
+from tests.conftest import TINY_CONFIGS
+
+# Tolerances (max abs error against xla, values and gradients of O(1)): float32 ~1e-6 observed, bf16 one or two
+# bf16 ulps of the output.
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def packed_segments(b: int, t: int) -> jax.Array:
+    """Row 0: three documents then padding (id 0); the other rows: one document then a short pad."""
+    rows = []
+    cuts = [0, t // 4, t // 2 + 7, t - 19, t]
+    ids = np.zeros(t, np.int32)
+    for s, (lo, hi) in enumerate(zip(cuts[:-2], cuts[1:-1]), start=1):
+        ids[lo:hi] = s
+    rows.append(ids)
+    for _ in range(1, b):
+        rows.append(np.r_[np.ones(t - 5, np.int32), np.zeros(5, np.int32)])
+    return jnp.asarray(np.stack(rows))
+
+
+def qkv(b: int, t: int, h: int, hkv: int, hd: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.key(hd * 10 + hkv), 4)
+    q = jax.random.normal(keys[0], (b, t, h, hd), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, hkv, hd), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, hkv, hd), jnp.float32).astype(dtype)
+    ct = jax.random.normal(keys[3], (b, t, h, hd), jnp.float32).astype(dtype)
+    return q, k, v, ct
+
+
+def value_and_grads(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, ct: jax.Array, seg: jax.Array,
+                    dtype: jnp.dtype, block: int | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def f(q, k, v):
+        if impl == "xla":
+            return attention.attend(q, k, v, implementation="xla", dtype=dtype, segment_ids=seg)
+        return attention.splash_attention(q, k, v, seg, dtype, interpret=True, block=block)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(ct)
+
+
+# Every GQA ratio (1/2/4), head_dim (64/128) and dtype at least once (each case is a few seconds of compiling
+# interpret-mode kernels); T = 256 with 128-blocks in one case, so the kernel skips blocks above the diagonal and
+# carries its softmax across key blocks.
+@pytest.mark.parametrize("groups,hd,dtype,block", [
+    (1, 64, jnp.float32, 128), (2, 128, jnp.bfloat16, None), (4, 64, jnp.bfloat16, None),
+    (4, 128, jnp.float32, None),
+])
+def test_splash_equals_xla_forward_and_gradients(groups: int, hd: int, dtype: jnp.dtype, block: int | None) -> None:
+    b, h = 2, 4
+    t = 256 if block else 128
+    q, k, v, ct = qkv(b, t, h, h // groups, hd, dtype)
+    seg = packed_segments(b, t)
+    ref, ref_grads = jax.jit(lambda *a: value_and_grads("xla", *a, seg, dtype))(q, k, v, ct)
+    out, grads = jax.jit(lambda *a: value_and_grads("splash", *a, seg, dtype, block))(q, k, v, ct)
+    tol = TOL[dtype]
+    assert out.dtype == ref.dtype == dtype
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+    assert err < tol, f"output differs by {err}"
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.shape == r.shape
+        gerr = float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
+        scale = max(1.0, float(jnp.max(jnp.abs(r.astype(jnp.float32)))))
+        assert gerr < tol * scale, f"d{name} differs by {gerr} (scale {scale})"
+
+
+def tiny_pair() -> tuple[ModelConfig, dict, dict]:
+    """A tiny Qwen3 (GQA 2, qk-norm) and two random parameter sets: a 'student' and a 'teacher'."""
+    cfg = ModelConfig.from_hf(TINY_CONFIGS["qwen3-gqa2-tied"])
+    return cfg, init_params(cfg, jax.random.key(1)), init_params(cfg, jax.random.key(2))
+
+
+def model_loss(cfg: ModelConfig, student: dict, teacher: dict, tokens: jax.Array, seg: jax.Array, pos: jax.Array,
+               remat: str) -> tuple[jax.Array, jax.Array]:
+    """(student logits, distillation loss with CE + KL + one hidden-state pair), masked to real tokens."""
+    so = forward(student, cfg, tokens, segment_ids=seg, positions=pos, hidden_indices=(2,), remat=remat)
+    to = forward(teacher, cfg, tokens, segment_ids=seg, positions=pos, hidden_indices=(2,), hidden_buffer=True)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = (seg != 0) & (jnp.roll(seg, -1, axis=1) == seg)
+    loss, _ = distill_loss(LossConfig(chunk=64), student_final=so.final_hidden, student_head=head_kernel(student, cfg),
+                           teacher_final=to.final_hidden, teacher_head=head_kernel(teacher, cfg), targets=targets,
+                           loss_mask=mask, student_hidden=so.hidden_states, teacher_hidden=to.hidden_states)
+    return so.logits, loss
+
+
+def _positions(seg: np.ndarray) -> np.ndarray:
+    pos = np.zeros_like(seg)
+    for i in range(1, len(seg)):
+        pos[i] = pos[i - 1] + 1 if seg[i] == seg[i - 1] else 0
+    return pos
+
+
+def test_tiny_model_splash_equals_xla_logits_loss_and_gradients() -> None:
+    """The whole model (scanned layers, full remat for the student) with splash gives xla's logits, loss and
+    parameter gradients; the other remat policies trace and lower (compiling each would cost seconds)."""
+    cfg, student, teacher = tiny_pair()
+    b, t = 2, 128
+    tokens = jax.random.randint(jax.random.key(3), (b, t), 0, cfg.vocab_size)
+    seg = packed_segments(b, t)
+    pos = jnp.asarray(np.stack([_positions(r) for r in np.asarray(seg)]))
+
+    def step(impl: str, remat: str) -> object:
+        c = cfg.replace(attention=impl)
+
+        def loss_and_logits(s: dict) -> tuple[jax.Array, jax.Array]:
+            logits, loss = model_loss(c, s, teacher, tokens, seg, pos, remat)
+            return loss, logits
+
+        return jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))
+
+    (ref_loss, ref_logits), ref_grads = step("xla", "none")(student)
+    (loss, logits), grads = step("splash-interpret", "full")(student)
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(loss, ref_loss, atol=2e-6, rtol=2e-6)
+    errs = jax.tree.map(lambda a, r: float(jnp.max(jnp.abs(a - r))), grads, ref_grads)
+    assert max(jax.tree.leaves(errs)) < 2e-5, errs
+    for remat in sorted(set(REMAT_POLICIES) - {"full"}):
+        assert "tpu_custom_call" not in step("splash-interpret", remat).lower(student).as_text()
+
+
+# ----------------------------------------------------------------------------------- choice and config
+def test_resolve_auto_is_xla_on_cpu_and_splash_errors_name_t() -> None:
+    assert attention.resolve("auto", 256, 128) == "xla"
+    assert attention.resolve("splash", 256, 128) == "splash"
+    assert attention.splash_block(2048, 128) == 512 and attention.splash_block(384, 64) == 128
+    assert attention.splash_block(1024, 256) == 256
+    with pytest.raises(attention.AttentionError, match=r"T=200.*128"):
+        attention.resolve("splash", 200, 64)
+    with pytest.raises(attention.AttentionError, match="unknown attention"):
+        attention.resolve("flash", 256, 64)
+
+
+def test_attention_config_field_validated_not_exported_not_architecture() -> None:
+    cfg = ModelConfig.from_hf(TINY_CONFIGS["qwen3-gqa2-tied"])
+    assert cfg.attention == "xla"
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        cfg.replace(attention="flash")
+    splash = cfg.replace(attention="splash")
+    assert "attention" not in to_hf(splash) and to_hf(splash) == to_hf(cfg)
+    assert dataclasses.replace(cfg, attention="auto").attention == "auto"
+    identity = LayerPlan.from_kept(cfg.num_layers, range(cfg.num_layers))
+    check_compatible(splash, cfg, identity)  # students and teachers may differ in how they compute attention
