@@ -134,6 +134,17 @@ def apply_preset(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return {**cfg, **{k: _merge(cfg.get(k), v) for k, v in preset.items()}}
 
 
+def _over_defaults(sections: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """The defaults with `sections` merged in, one level deep (a file's `train:` adds to the default train keys)."""
+    unknown = sorted(set(sections) - set(DEFAULTS))
+    if unknown:
+        raise RunConfigError(f"{where}unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    for k, v in sections.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, Mapping) else copy.deepcopy(v)
+    return cfg
+
+
 def _merged(path: str | Path | None, overrides: Sequence[str], preset: str | None) -> dict[str, Any]:
     """Defaults, then the YAML file (yaml.safe_load), then the preset, then the overrides: the plain dict."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -144,11 +155,7 @@ def _merged(path: str | Path | None, overrides: Sequence[str], preset: str | Non
             raise RunConfigError(f"{path}: no such config file") from None
         except yaml.YAMLError as e:
             raise RunConfigError(f"{path}: not valid YAML ({e})") from None
-        unknown = sorted(set(loaded) - set(DEFAULTS))
-        if unknown:
-            raise RunConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
-        for k, v in loaded.items():
-            cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, dict) else v
+        cfg = _over_defaults(loaded, f"{path}: ")
     if preset:
         cfg = apply_preset(cfg, preset)
     return apply_overrides(cfg, overrides)
@@ -179,6 +186,7 @@ class DataSection:
 
     @property
     def train_batch_size(self) -> int:
+        """The global training batch (DataConfig's default when not given)."""
         return int(self.train.get("batch_size", DataConfig.batch_size))
 
     @property
@@ -255,10 +263,4 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, p
 def build_run_config(settings: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from settings given as data (sections as in a YAML file, merged over the defaults like one),
     then `section.key=value` overrides: what code that builds its run (the demo) uses instead of YAML text."""
-    cfg = copy.deepcopy(DEFAULTS)
-    unknown = sorted(set(settings) - set(DEFAULTS))
-    if unknown:
-        raise RunConfigError(f"unknown section(s) {unknown}; known: {sorted(DEFAULTS)}")
-    for k, v in settings.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, Mapping) else copy.deepcopy(v)
-    return RunConfig.from_dict(apply_overrides(cfg, overrides))
+    return RunConfig.from_dict(apply_overrides(_over_defaults(settings), overrides))

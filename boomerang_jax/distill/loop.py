@@ -141,6 +141,7 @@ class MetricsLog:
             self.tb = None
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append one metrics row for `step` (and its scalars to TensorBoard)."""
         if not self.enabled:
             return
         line = json.dumps({"step": step, **metrics}) + "\n"
@@ -165,6 +166,7 @@ class MetricsLog:
             self._flushed_at = time.monotonic()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         self.flush()
         if self.tb is not None:
             self.tb.close()
@@ -200,6 +202,7 @@ class Throughput:
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
 
     def measure(self, host: dict[str, float], dt: float) -> dict[str, float]:
+        """`host` (a step's metrics, updated in place and returned) plus the step's time `dt` and rates."""
         host.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
         if self.peak:
             host["mfu"] = self.flops_per_step / dt / self.peak
@@ -217,12 +220,14 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
 
     def update(self, host: Mapping[str, float]) -> None:
+        """One step done: advance the bar and show its loss, KL and tokens/s."""
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{host['loss']:.3f}", kl=f"{host.get('kl', 0):.3f}",
                                  tok_s=f"{host['tokens_per_s']:.0f}")
 
     def close(self) -> None:
+        """Close the bar (if any)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -235,9 +240,11 @@ class PeriodicEval:
         self.distiller, self.eval_cfg, self.every, self.batches = distiller, eval_cfg, every, batches
 
     def due(self, step: int) -> bool:
+        """Whether to evaluate after `step`."""
         return self.eval_cfg is not None and bool(self.every) and step % self.every == 0
 
     def run(self, params: Any, teacher_params: Any) -> dict[str, float]:
+        """The `eval/...` metrics of the student `params` against the teacher (token-weighted means)."""
         it = make_iterator(dataclasses.replace(self.eval_cfg, num_epochs=1, drop_remainder=False))
         batches = [b for _, b in zip(range(self.batches), it)]
         if hasattr(it, "close"):
@@ -255,9 +262,11 @@ class RunCheckpoints:
         self.every, self.total_steps = every, total_steps
 
     def due(self, step: int) -> bool:
+        """Whether the cadence checkpoints `step` (every `every` steps and the last step of the schedule)."""
         return step % self.every == 0 or step == self.total_steps
 
     def save(self, step: int, state: TrainState, iterator: Any) -> None:
+        """Checkpoint `state` and the data iterator's state at `step` (asynchronously when so configured)."""
         self.metrics_log.flush()
         self.ckpt.save(step, state, iterator.get_state(), {**self.meta, "step": step})
 
