@@ -257,7 +257,7 @@ def lazy_tensors(model_dir: Path, config: ModelConfig) -> tuple[LeafGetter, np.d
     return get, np.dtype(dtype)
 
 
-def _device_tree(tree: Params) -> Params:
+def device_tree(tree: Params) -> Params:
     """numpy -> jax arrays leaf by leaf, dropping each host copy as soon as it is on device."""
     flat, treedef = jax.tree.flatten(tree)
     out = []
@@ -271,4 +271,4 @@ def load_hf(path_or_id: str | os.PathLike, dtype: Any = np.float32, *, to_device
     """Load an HF causal-LM directory (or hub id) exactly: config, params cast to `dtype`, tokenizer files."""
     model_dir, config, files = read_model_dir(path_or_id)
     params = params_from_tensors(config, iter_tensors(safetensors_files(model_dir)), dtype, where=str(model_dir))
-    return Model(config, _device_tree(params) if to_device else params, files, where=str(path_or_id))
+    return Model(config, device_tree(params) if to_device else params, files, where=str(path_or_id))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
-from boomerang_jax.hf.load import _device_tree, load_hf, params_from_tensors
+from boomerang_jax.hf.load import device_tree, load_hf, params_from_tensors
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.model import HFFiles, Model
 
@@ -21,7 +21,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32, *, to_device: bo
     g = read_gguf(path)
     config = ModelConfig.from_hf(g.hf_config, source=str(path))
     params = params_from_tensors(config, ((n, a, str(path)) for n, a in g.tensors()), dtype, where=str(path))
-    return Model(config, _device_tree(params) if to_device else params,
+    return Model(config, device_tree(params) if to_device else params,
                  HFFiles(g.hf_config, g.tokenizer_files, g.generation_config), where=str(path))
 
 

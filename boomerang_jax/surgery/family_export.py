@@ -44,12 +44,8 @@ from boomerang_jax.surgery.plan import (
     patch_sequence,
     patched_for,
 )
-from boomerang_jax.surgery.tensors import (  # noqa: F401  (source_from_params, materialise: re-exported)
-    PLAN_FILE,
-    TensorSource,
-    materialise,
-    source_from_params,
-)
+from boomerang_jax.surgery.tensors import PLAN_FILE, TensorSource
+from boomerang_jax.surgery.tensors import source_from_params  # noqa: F401  (re-exported: distill.train imports it here)
 from boomerang_jax.surgery.transforms import (
     Layout,
     check_compatible,
