@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.set_defaults(func=info_command)
 
-    from boomerang_jax.demo.run import add_demo_arguments, demo_command
+    from boomerang_jax.commands.demo import add_demo_arguments, demo_command
 
     p = sub.add_parser("demo", help="the main job, offline: distill the embedded SmolLM2-135M, evaluate its family")
     add_demo_arguments(p)

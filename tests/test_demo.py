@@ -8,7 +8,7 @@ import json
 import pytest
 
 from boomerang_jax.cli import main as cli_main
-from boomerang_jax.demo.run import METHODS, STAGES
+from boomerang_jax.demo.settings import METHODS, STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ Stages (each skipped when its output is complete; `--fresh` starts over):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -28,55 +27,26 @@ from typing import Any, Callable
 
 import numpy as np
 
+from boomerang_jax.data.pipeline import DataConfig, make_iterator
+from boomerang_jax.data.prepare import prepare_dataset
+from boomerang_jax.data.sources import open_source
+from boomerang_jax.data.teacher_text import write_teacher_text
+from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
+from boomerang_jax.demo.report import write_report
+from boomerang_jax.demo.settings import DemoSettings, STAGES
+from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.distill.config import RunConfig, build_run_config
-
-STAGES = ("teacher", "data", "distill", "family", "eval", "report")
-METHODS = ("boomerang", "naive-pruning", "shortgpt")  # + "boomerang-<order>" for each of DemoSettings.also_orders
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    out: str = "runs/demo"
-    teacher: str = "smollm2-135m"
-    plan: str = "every=2,first=1,last=2"
-    order: str = "kl-greedy"  # the exported family's patch order: kl-greedy, by-loss, last-to-first, first-to-last
-    also_orders: tuple[str, ...] = ("last-to-first",)  # fixed orders also evaluated (no export)
-    # 300 steps of 4 x 128 tokens: the same tokens and time as 150 x 8, and better at every size (twice the
-    # updates; docs/DECISIONS.md, measured)
-    steps: int = 300
-    batch: int = 4
-    seq: int = 128
-    lr: float = 3e-4
-    # Share of training tokens written by the teacher itself (data/teacher_text.py), the rest State of the Union
-    # text: distilling on the speeches alone specialises the student to them (docs/DECISIONS.md, measured).
-    teacher_text_share: float = 0.75
-    teacher_text_tokens: int | None = None  # None: what training consumes (steps x batch x seq x share)
-    teacher_text_length: int = 128
-    # Patch-aware distillation: step s trains the student with patch_sizes[s % len] random blocks patched by the
-    # frozen teacher (0 = the plain student); () = the paper's plain distillation (docs/DECISIONS.md, measured).
-    patch_sizes: tuple[int, ...] = ()
-    eval_seq: int = 256
-    eval_tokens: int = 8192  # ~10% intervals on perplexity; 45 evaluations of this take 15-30 min on 2 cores
-    calib_tokens: int = 4096
-    sizes: str = "all"
-    quick: bool = False
-    distill_overrides: tuple[str, ...] = ()  # extra `section.key=value` for the distillation run config
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.teacher_text_share < 1.0:
-            raise ValueError(f"teacher_text_share must be in [0, 1), got {self.teacher_text_share}")
-
-    @classmethod
-    def quick_settings(cls, **kw: Any) -> "DemoSettings":
-        """A handful of steps, a small evaluation and three sizes: checks the pipeline end to end (CI)."""
-        return cls(**{**dict(steps=3, batch=2, seq=64, eval_seq=64, eval_tokens=512, calib_tokens=256,
-                             teacher_text_length=32, sizes="k=0,7,14", quick=True), **kw})
-
-    @property
-    def teacher_text_budget(self) -> int:
-        if self.teacher_text_tokens is not None:
-            return self.teacher_text_tokens
-        return max(1, round(self.steps * self.batch * self.seq * self.teacher_text_share))
+from boomerang_jax.distill.train import run_distillation
+from boomerang_jax.eval.perplexity import perplexity
+from boomerang_jax.hf.export import save_hf
+from boomerang_jax.hf.load import load_hf
+from boomerang_jax.hf.sources import load_model
+from boomerang_jax.hf.verify import verify_export
+from boomerang_jax.surgery import LayerPlan, count_params, interpolate, num_steps, patched_for, prune
+from boomerang_jax.surgery.baselines import block_influence, shortgpt_family
+from boomerang_jax.surgery.family_export import export_family, parse_sizes, read_family
+from boomerang_jax.surgery.orders import DATA_ORDERS, order_from_data
+from boomerang_jax.surgery.tensors import materialise, open_hf_source
 
 
 class StageLog:
@@ -102,8 +72,6 @@ def _say(msg: str) -> None:
 
 # --------------------------------------------------------------------------------------------- stages
 def stage_teacher(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.hf.export import save_hf
-    from boomerang_jax.hf.sources import load_model
 
     ck = load_model(s.teacher, to_device=False)
     save_hf(out / "teacher", ck.config, ck.params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files,
@@ -112,9 +80,6 @@ def stage_teacher(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.data.prepare import prepare_dataset
-    from boomerang_jax.data.sources import open_source
-    from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
 
     tok = load_tokenizer(str(out / "teacher"))
     # Plain-text distillation: documents end with <|endoftext|>, not the chat model's <|im_end|>.
@@ -132,10 +97,6 @@ def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, Any]:
     """Sample the teacher's own text (jsonl) and prepare it like any source, to be mixed into training."""
-    from boomerang_jax.data.prepare import prepare_dataset
-    from boomerang_jax.data.sources import open_source
-    from boomerang_jax.data.teacher_text import write_teacher_text
-    from boomerang_jax.hf.load import load_hf
 
     teacher = load_hf(out / "teacher")
     docs = -(-s.teacher_text_budget // s.teacher_text_length)
@@ -179,7 +140,6 @@ def distill_config(s: DemoSettings, out: Path) -> RunConfig:
 
 
 def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.distill.train import run_distillation
 
     summary = run_distillation(distill_config(s, out), log=_say)
     if summary["status"] != "finished":
@@ -188,10 +148,6 @@ def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.surgery.family_export import export_family, parse_sizes
-    from boomerang_jax.surgery.orders import DATA_ORDERS, order_from_data
-    from boomerang_jax.surgery.tensors import materialise, open_hf_source
 
     student = read_student_checkpoint(out / "distill")
     teacher = open_hf_source(out / "teacher")
@@ -209,7 +165,6 @@ def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[dict[str, np.ndarray]]:
-    from boomerang_jax.data.pipeline import DataConfig, make_iterator
 
     cfg = DataConfig(path=str(path), split=split, seq_len=s.eval_seq, batch_size=4, shuffle=False, num_epochs=1,
                      drop_remainder=False)
@@ -224,13 +179,6 @@ def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[
 
 def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     """Perplexity of every size of the three methods; rows appended to eval.jsonl as they finish (resumable)."""
-    from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.eval.perplexity import perplexity
-    from boomerang_jax.hf.load import load_hf
-    from boomerang_jax.surgery import count_params, interpolate, num_steps, patched_for, prune
-    from boomerang_jax.surgery.baselines import block_influence, shortgpt_family
-    from boomerang_jax.surgery.family_export import read_family
-    from boomerang_jax.surgery.tensors import materialise
 
     family = read_family(out / "family")
     rows_path = out / "eval.jsonl"
@@ -240,7 +188,6 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
     teacher = load_hf(out / "teacher", to_device=False)
     student = read_student_checkpoint(out / "distill")
-    from boomerang_jax.surgery import LayerPlan
 
     plan = LayerPlan.from_dict(family["plan"])
     student_model = (student.config, materialise(student))
@@ -284,9 +231,6 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
-    from boomerang_jax.demo.report import write_report
-    from boomerang_jax.hf.verify import verify_export
-    from boomerang_jax.surgery.family_export import read_family
 
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     write_report(rows, out, title=f"Boomerang distillation demo: {s.teacher}, {s.steps} steps")
@@ -333,47 +277,3 @@ def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
         _say(f"{stage}: finished in {time.perf_counter() - t:.1f}s")
     _say(f"all stages done ({time.perf_counter() - total:.1f}s this run); results in {out}/results.md")
     return out
-
-
-def _patch_sizes(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
-        return ()
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block counts like 0,2,4,6 or none, got {text!r}") from None
-
-
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    d = DemoSettings()
-    p.add_argument("--out", default=d.out, help="run directory (stages resume from what is there)")
-    p.add_argument("--steps", type=int, help=f"distillation steps (default {d.steps})")
-    p.add_argument("--batch", type=int, help=f"sequences per step (default {d.batch})")
-    p.add_argument("--seq", type=int, help=f"training sequence length (default {d.seq})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--teacher-text-share", type=float,
-                   help=f"share of training tokens written by the teacher (default {d.teacher_text_share}; 0: none)")
-    p.add_argument("--patch-sizes", type=_patch_sizes, metavar="M,M,..",
-                   help="patch-aware distillation: blocks patched at successive steps, cycled "
-                        f"(default {','.join(map(str, d.patch_sizes)) or 'none'}; none: the paper's plain student)")
-    p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
-    p.add_argument("--plan", help=f"layer plan (default {d.plan})")
-    p.add_argument("--order", choices=("kl-greedy", "by-loss", "last-to-first", "first-to-last"),
-                   help=f"patch order of the exported family (default {d.order})")
-    p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
-    p.add_argument("--set", dest="distill_overrides", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override the distillation config, e.g. --set loss.w_cos=10 (repeatable)")
-    p.add_argument("--quick", action="store_true", help="a handful of steps and a small evaluation (CI)")
-    p.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
-                                       eval_tokens=args.eval_tokens, plan=args.plan,
-                                       teacher_text_share=args.teacher_text_share, sizes=args.sizes, order=args.order,
-                                       patch_sizes=args.patch_sizes,
-                                       distill_overrides=tuple(args.distill_overrides or ()) or None).items()
-                 if v is not None}
-    s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)
-    run_demo(s, fresh=args.fresh)
-    return 0
