@@ -27,8 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from boomerang_jax.distill.optim import TrainConfig, abstract_train_state
 from boomerang_jax.infra import storage
+from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.model import HFFiles
+from boomerang_jax.models.transformer import param_shapes
+from boomerang_jax.surgery import LayerPlan
 from boomerang_jax.surgery.tensors import TensorSource, source_from_params
 
 ITEMS = ("state", "data", "meta")
@@ -153,11 +157,6 @@ def read_student_checkpoint(path: str | Path) -> TensorSource | None:
     Restores on the host without a mesh; the plan, configs and teacher config come from the checkpoint's meta.
     Local or `gs://`. Returns None when `path` is not a distillation checkpoint (so other readers can try).
     """
-    from boomerang_jax.distill.step import TrainConfig, TrainState, make_optimizer
-    from boomerang_jax.models.config import ModelConfig
-    from boomerang_jax.models.transformer import param_shapes
-    from boomerang_jax.surgery import LayerPlan
-
     found = _checkpoint_dir_and_step(str(path) if storage.is_remote(path) else os.path.abspath(path))
     if found is None:
         return None
@@ -175,9 +174,8 @@ def read_student_checkpoint(path: str | Path) -> TensorSource | None:
         tcfg = TrainConfig(**meta["config"].get("train", {}))
         shapes = param_shapes(config, jnp.dtype(tcfg.param_dtype))
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        abstract = TrainState(params=shapes, opt_state=jax.eval_shape(make_optimizer(tcfg).init, shapes),
-                              step=jax.ShapeDtypeStruct((), jnp.int32))
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), abstract)
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu),
+                                abstract_train_state(shapes, tcfg))
         state, _, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
