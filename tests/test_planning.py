@@ -13,7 +13,7 @@ import pytest
 
 from boomerang_jax.cli import main as cli_main
 from boomerang_jax.distill.config import RunConfigError, load_run_config
-from boomerang_jax.infra.topology import TopologyError, parse_topology
+from boomerang_jax.infra.topology import TopologyError, generation_of, parse_topology
 from boomerang_jax.pod.planning import PlanningError, activation_parts, plan_memory, run_flops, run_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,3 +153,15 @@ def test_run_flops_of_the_paper_pairs_match_the_papers_sizes_and_compute():
         assert shape.tokens == 500 * 2048 * 2048
     flops = run_flops(run_shape(load_run_config(REPO / "configs" / "paper-qwen3-4b-base.yaml")))
     assert 0.9 < flops["6ND+2ND"] / 4.31e19 < 1.15 and 1.0 < flops["ours"] / 4.31e19 < 1.3  # paper: 4.31e19
+
+
+def test_device_kinds_map_to_the_generation_tables_used_for_mfu_and_planning():
+    # JAX's device_kind strings as the runtimes report them; the MFU estimate and planning share one table
+    assert {k: generation_of(k).name for k in ("TPU v4", "TPU v5 lite", "TPU v5e", "TPU v5p", "TPU v5",
+                                               "TPU v6 lite", "NVIDIA H100 80GB HBM3", "NVIDIA H200",
+                                               "NVIDIA A100-SXM4-80GB", "NVIDIA L4")} == {
+        "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+        "TPU v6 lite": "v6e", "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H200": "h200",
+        "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA L4": "l4"}
+    assert generation_of("TPU v5 lite").peak_tflops == parse_topology("v5e-8").generation.peak_tflops
+    assert generation_of("cpu") is None

@@ -21,14 +21,9 @@ from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer
 from boomerang_jax.distill.optim import TrainState
 from boomerang_jax.distill.step import Distiller
-from boomerang_jax.infra import parallel, storage
+from boomerang_jax.infra import parallel, storage, topology
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.surgery import count_params
-
-# bf16 peak TFLOP/s per device (public spec sheets), for the MFU estimate.
-PEAK_TFLOPS = {"tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-               "tpu v6": 918.0, "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0}
-
 
 def flops_per_token(config: ModelConfig, seq_len: int, *, backward: bool) -> float:
     """Matmul FLOPs per token (PaLM-style: 2N forward + causal-free attention term; x3 with backward)."""
@@ -42,11 +37,8 @@ def peak_flops(override_tflops: float | None) -> float | None:
     """Peak bf16 FLOP/s of all devices together, from the setting or the device kind (None when unknown)."""
     if override_tflops:
         return override_tflops * 1e12 * jax.device_count()
-    kind = jax.devices()[0].device_kind.lower()
-    for key, tf in PEAK_TFLOPS.items():
-        if key in kind:
-            return tf * 1e12 * jax.device_count()
-    return None
+    generation = topology.generation_of(jax.devices()[0].device_kind)  # the spec sheets' dense bf16 figure
+    return generation.peak_tflops * 1e12 * jax.device_count() if generation else None
 
 
 def _jax_preemption_sync() -> bool:

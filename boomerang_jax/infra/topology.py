@@ -48,6 +48,18 @@ GPU = {
     "a100": Generation("a100", 40 * 10**9, 312.0, single_host_max=8, max_chips=8),
     "l4": Generation("l4", 24 * 10**9, 121.0, single_host_max=8, max_chips=8),
 }
+# JAX's device_kind (lower case) -> generation, most specific first ("TPU v5 lite" is a v5e, plain "TPU v5" a v5p).
+_DEVICE_KINDS = (("tpu v4", TPU["v4"]), ("tpu v5 lite", TPU["v5e"]), ("tpu v5e", TPU["v5e"]), ("tpu v5p", TPU["v5p"]),
+                 ("tpu v5", TPU["v5p"]), ("tpu v6", TPU["v6e"]), ("h100", GPU["h100"]), ("h200", GPU["h200"]),
+                 ("a100", GPU["a100"]), ("l4", GPU["l4"]))
+
+
+def generation_of(device_kind: str) -> Generation | None:
+    """The generation of a JAX device (`device.device_kind`, e.g. "TPU v5 lite", "NVIDIA H200"); None if unknown."""
+    kind = device_kind.lower()
+    return next((g for key, g in _DEVICE_KINDS if key in kind), None)
+
+
 # The slices the guide and the launch tests use (any valid N works).
 COMMON = ("v4-8", "v4-32", "v4-128", "v5e-8", "v5e-16", "v5e-64", "v5e-256", "v5p-8", "v5p-32", "v5p-128",
           "2xv5p-128", "v6e-8", "v6e-64", "h100x8")
