@@ -196,3 +196,19 @@ def test_splash_compiles_for_tpu_under_a_mesh_with_smaller_temporaries() -> None
     scores = (b // 2) * (h // 2) * t * t * 4  # one float32 [B, H, T, T] per device
     assert temps["xla"] >= scores, temps
     assert temps["splash"] < scores / 16, temps
+
+
+def test_train_attention_sets_both_models_of_the_step() -> None:
+    from boomerang_jax.distill.optim import TrainConfig
+    from boomerang_jax.distill.step import Distiller
+    from boomerang_jax.infra.parallel import make_mesh
+
+    cfg = ModelConfig.from_hf(TINY_CONFIGS["qwen3-gqa2-tied"])
+    plan = LayerPlan.from_kept(cfg.num_layers, [0, 2])
+    student = cfg.replace(num_layers=2)
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    d = Distiller(student, cfg, plan, mesh, TrainConfig(attention="splash"))
+    assert d.student_config.attention == d.teacher_config.attention == "splash"
+    assert Distiller(student, cfg, plan, mesh, TrainConfig()).student_config.attention == "xla"
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        TrainConfig(attention="flash")

@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from boomerang_jax.infra import parallel
+from boomerang_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from boomerang_jax.models.transformer import REMAT_POLICIES, Params
 
 
@@ -39,6 +40,9 @@ class TrainConfig:
     # multi-layer blocks patched by their frozen teacher blocks (0 = the plain student). () = the paper's recipe.
     patch_sizes: tuple[int, ...] = ()
     patch_seed: int = 0
+    # Attention implementation of both models in the step (models/attention.py: xla, splash, auto); None keeps
+    # what their ModelConfigs say. Not part of either model: the same math either way.
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         for name, ok, rule in _TRAIN_RULES:
@@ -52,6 +56,8 @@ class TrainConfig:
         object.__setattr__(self, "patch_sizes", sizes)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention is not None and self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention {self.attention!r} is not one of {list(ATTENTION_IMPLEMENTATIONS)}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.total_steps < 1:

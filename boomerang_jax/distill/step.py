@@ -120,6 +120,9 @@ class Distiller:
     ) -> None:
         train_cfg = TrainConfig() if train_cfg is None else train_cfg
         loss_cfg = LossConfig() if loss_cfg is None else loss_cfg
+        if train_cfg.attention is not None:  # train.attention: how both models compute attention in the step
+            student_config = student_config.replace(attention=train_cfg.attention)
+            teacher_config = teacher_config.replace(attention=train_cfg.attention)
         if plan.num_student_layers != student_config.num_layers or plan.num_teacher_layers != teacher_config.num_layers:
             raise ValueError(f"plan ({plan.num_student_layers} <- {plan.num_teacher_layers} layers) does not fit "
                              f"student ({student_config.num_layers}) / teacher ({teacher_config.num_layers})")

@@ -357,13 +357,13 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
 
 def init_params(config: ModelConfig, key: jax.Array, param_dtype: Any = jnp.float32) -> Params:
     """Random parameters with the right tree and shapes (for tests and shape-only planning)."""
-    model = Transformer(config, param_dtype=param_dtype)
+    model = Transformer(config.replace(attention="xla"), param_dtype=param_dtype)  # a 2-token trace: any kernel
     tokens = jnp.zeros((1, 2), jnp.int32)
     return model.init(key, tokens)["params"]
 
 
 def param_shapes(config: ModelConfig, param_dtype: Any = jnp.float32) -> Params:
     """ShapeDtypeStructs of every parameter, without allocating (for import validation and memory planning)."""
-    model = Transformer(config, param_dtype=param_dtype)
+    model = Transformer(config.replace(attention="xla"), param_dtype=param_dtype)  # same parameters for any kernel
     shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 2), jnp.int32)), jax.random.key(0))
     return shapes["params"]
