@@ -212,3 +212,50 @@ def test_train_attention_sets_both_models_of_the_step() -> None:
     assert Distiller(student, cfg, plan, mesh, TrainConfig()).student_config.attention == "xla"
     with pytest.raises(ValueError, match="attention 'flash'"):
         TrainConfig(attention="flash")
+
+
+_MESH_CHILD = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from boomerang_jax.infra.parallel import BATCH_AXES, make_mesh
+from boomerang_jax.models import attention
+from tests.test_attention import packed_segments, qkv
+jax.config.update("jax_default_matmul_precision", "highest")
+mesh = make_mesh("data=2,fsdp=1,tensor=2")
+q, k, v, ct = qkv(4, 128, 4, 2, 64, jnp.float32)
+seg = jnp.concatenate([packed_segments(2, 128)] * 2)
+put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+heads = P(BATCH_AXES, None, "tensor", None)
+q, k, v, ct, seg = put(q, heads), put(k, heads), put(v, heads), put(ct, heads), put(seg, P(BATCH_AXES, None))
+def grads(impl):
+    def f(q, k, v):
+        return attention.attend(q, k, v, implementation=impl, dtype=jnp.float32, segment_ids=seg)
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out,) + vjp(ct)
+with jax.set_mesh(mesh):
+    assert attention.resolve("auto", 128, 64) == "xla"  # a CPU mesh
+    splash = jax.jit(lambda: grads("splash-interpret"))
+    text = splash.lower().as_text()
+    got = splash()
+ref = jax.jit(lambda: grads("xla"))()
+errs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, ref)]
+print("RESULT " + json.dumps({"errs": errs, "manual": "sdy.manual_computation" in text or "shard_map" in text}))
+"""
+
+
+def test_splash_under_a_four_device_mesh_equals_xla() -> None:
+    """On 4 CPU devices (data 2 x tensor 2) splash runs per device under shard_map and equals xla, gradients too."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _MESH_CHILD], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["manual"]
+    assert max(result["errs"]) < 2e-5, result

@@ -47,13 +47,14 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------- choice
-def _on_tpu() -> bool:
-    """Whether this trace targets TPU: the context mesh's devices (also an ahead-of-time TPU mesh on a CPU host),
-    else the default backend."""
+def _splash_runs_here() -> bool:
+    """Whether `auto` may pick splash: the context mesh (`jax.set_mesh`; also an ahead-of-time TPU mesh on a CPU
+    host) is of TPUs, or there is no context mesh and the default backend is a single TPU. Several TPUs without a
+    context mesh get xla: the kernel is one custom call that the SPMD partitioner cannot split."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
-        return mesh.abstract_device.platform == "tpu"
-    return jax.default_backend() == "tpu"
+        return getattr(mesh.abstract_device, "platform", None) == "tpu"
+    return jax.default_backend() == "tpu" and jax.device_count() == 1
 
 
 def splash_block(seq_len: int, head_dim: int) -> int:
@@ -71,12 +72,12 @@ def splash_block(seq_len: int, head_dim: int) -> int:
 
 def resolve(implementation: str, seq_len: int, head_dim: int) -> str:
     """The implementation that runs: `xla`, `splash` or `splash-interpret` (`auto`: splash on TPU when T fits a
-    block, else xla)."""
+    block and the kernel can be placed per device, see `_splash_runs_here`; else xla)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise AttentionError(f"unknown attention implementation {implementation!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if implementation == "auto":
-        if not _on_tpu():
+        if not _splash_runs_here():
             return "xla"
         try:
             splash_block(seq_len, head_dim)
