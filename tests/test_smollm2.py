@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from boomerang_jax.cli import main as cli_main
 from boomerang_jax.hf.export import save_hf
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
+from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
 from boomerang_jax.models.generate import greedy_generate
 from boomerang_jax.models.transformer import forward
 

@@ -10,7 +10,7 @@ import pytest
 
 from boomerang_jax.cli import main as cli_main
 from boomerang_jax.data.prepare import prepare_dataset
-from boomerang_jax.data.sources import open_source
+from boomerang_jax.data.documents import read_documents
 from boomerang_jax.data.teacher_text import sample_documents
 from boomerang_jax.data.tokenize import DocumentEncoder
 from boomerang_jax.hf.load import load_hf
@@ -56,7 +56,7 @@ def test_teacher_text_command_writes_jsonl_that_prepares_like_any_text(teacher, 
     words = set(tok.get_vocab())
     assert all(set(x["text"].split()) <= words for x in lines)
     # the file is ordinary training text
-    meta = prepare_dataset(open_source(str(out)), DocumentEncoder.create(tok), str(tmp_path / "prep"))
+    meta = prepare_dataset(read_documents(str(out)), DocumentEncoder.create(tok), str(tmp_path / "prep"))
     assert meta.splits["train"]["num_docs"] == len(lines)
     assert meta.splits["train"]["num_tokens"] == sum(len(x["text"].split()) + 1 for x in lines)  # + EOS
     # no silent overwrite; a bad start token fails before writing

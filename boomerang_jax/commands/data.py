@@ -10,10 +10,10 @@ import time
 import numpy as np
 
 from boomerang_jax.data.prepare import prepare_dataset
-from boomerang_jax.data.sources import open_source
+from boomerang_jax.data.documents import read_documents
 from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer, tokenizer_from_files
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
+from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
 from boomerang_jax.infra import storage
 
 
@@ -47,7 +47,7 @@ def prepare_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer)
     encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
-    docs = open_source(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
+    docs = read_documents(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
                        split=args.source_split, data_dir=args.data_dir)
     meta = prepare_dataset(
         docs, encoder, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,

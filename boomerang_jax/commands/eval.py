@@ -17,7 +17,7 @@ from typing import Any
 def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
     """(name, config, params, tokenizer files) for an HF dir, a family dir (every size) or a checkpoint."""
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
-    from boomerang_jax.hf.sources import load_model
+    from boomerang_jax.hf.load import load_model
     from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
     from boomerang_jax.surgery.tensors import materialise
 

@@ -15,7 +15,6 @@ from boomerang_jax.surgery.family_export import (
     DTYPES,
     FAMILY_FILE,
     FamilyError,
-    _read_plan,
     export_family,
     order_name,
     parse_sizes,
@@ -123,7 +122,7 @@ def interpolate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     teacher = open_source(args.teacher)
     student = open_source(args.student)
-    plan = _read_plan(args.plan, teacher.config.num_layers) if args.plan else student.plan
+    plan = LayerPlan.from_spec(args.plan, teacher.config.num_layers) if args.plan else student.plan
     if plan is None:
         raise FamilyError(f"{args.student}: no {PLAN_FILE}; pass --plan (e.g. --plan every=2,first=1,last=2)")
     check_compatible(student.config, teacher.config, plan)
@@ -153,7 +152,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 def prune_command(args: argparse.Namespace) -> int:
     """`boomerang prune`: write the pruned student of a teacher as an HF directory carrying its plan."""
     teacher = open_source(args.teacher)
-    plan = _read_plan(args.plan, teacher.config.num_layers)
+    plan = LayerPlan.from_spec(args.plan, teacher.config.num_layers)
     out = save_student(args.out, pruned_source(teacher, plan), plan, dtype=args.dtype, overwrite=args.overwrite)
     c = count_params(teacher.config.replace(num_layers=plan.num_student_layers))
     print(f"wrote {out}: {plan.num_student_layers} of {plan.num_teacher_layers} layers (kept {list(plan.kept)}), "

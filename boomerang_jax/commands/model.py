@@ -10,7 +10,7 @@ import numpy as np
 
 from boomerang_jax.data.tokenize import tokenizer_from_files
 from boomerang_jax.hf.export import save_hf
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
+from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
 from boomerang_jax.models.generate import greedy_generate
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.data.prepare import METADATA, prepare_dataset
-from boomerang_jax.data.sources import open_source
+from boomerang_jax.data.documents import read_documents
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer, tokenizer_from_files
 
 
@@ -33,7 +33,7 @@ def load_batches(data: str, *, tokenizer_files: dict[str, bytes] | None = None, 
             else:
                 raise ValueError(f"no tokenizer to tokenise {data}: the model has no tokenizer files; pass --tokenizer")
             path = str(Path(tmp) / "data")
-            prepare_dataset(open_source(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
+            prepare_dataset(read_documents(data, text_field=text_field), DocumentEncoder.create(tok), path, split=split)
         cfg = DataConfig(path=path, split=split, seq_len=seq_len, batch_size=batch_size, shuffle=False,
                          num_epochs=1, drop_remainder=False, packing="first_fit")
         batches, n = [], 0

@@ -12,8 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
-from boomerang_jax.hf.load import TOKENIZER_FILES
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER
+from boomerang_jax.hf.load import EMBEDDED_TEACHER, TOKENIZER_FILES
 from boomerang_jax.infra import storage
 
 

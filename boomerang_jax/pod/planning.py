@@ -31,7 +31,7 @@ from boomerang_jax.distill.loss import LossConfig
 from boomerang_jax.distill.optim import TrainConfig, make_optimizer, opt_state_shardings
 from boomerang_jax.hf.gguf import default_teacher_path, read_gguf
 from boomerang_jax.hf.known_configs import known_config
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER
+from boomerang_jax.hf.load import EMBEDDED_TEACHER
 from boomerang_jax.infra import parallel, storage
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
 from boomerang_jax.models import sharding

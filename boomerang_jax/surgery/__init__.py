@@ -1,7 +1,7 @@
 """Surgery on layer stacks: plans and orders, the pytree transforms (prune, interpolate), the family export.
 
-The public names of `plan` and `transforms` are re-exported here; `orders`, `baselines` and `family_export` are
-imported by path.
+The public names of `plan` and `transforms` are re-exported here; `orders`, `baselines`, `tensors` and
+`family_export` are imported by path.
 """
 
 from boomerang_jax.models.model import Model  # noqa: F401

@@ -45,7 +45,6 @@ from boomerang_jax.surgery.plan import (
     patched_for,
 )
 from boomerang_jax.surgery.tensors import PLAN_FILE, TensorSource
-from boomerang_jax.surgery.tensors import source_from_params  # noqa: F401  (re-exported: distill.train imports it here)
 from boomerang_jax.surgery.transforms import (
     Layout,
     check_compatible,
@@ -283,10 +282,3 @@ def export_family(
         }
         (tmp / FAMILY_FILE).write_text(to_json(family) + "\n")
     return family
-
-
-# ------------------------------------------------------------------------------------ --plan
-def _read_plan(spec: str, num_teacher_layers: int) -> LayerPlan:
-    """--plan: a JSON file (a plan, or a family.json holding one; local or gs://) or a spec such as
-    'every=2,first=2,last=1' (LayerPlan.from_spec, the one plan parser)."""
-    return LayerPlan.from_spec(spec, num_teacher_layers)

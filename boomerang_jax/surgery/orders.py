@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from boomerang_jax.models.batch import BATCH_KEYS
 from boomerang_jax.models.logits import chunked_ce_kl
 from boomerang_jax.models.nll import mean_nll
 from boomerang_jax.models.transformer import forward, head_kernel
@@ -84,8 +85,7 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
     """KLPatch: the multi-layer blocks in patch order, chosen greedily by KL(teacher || model) on `batches`,
     and one record per chosen step {block, num_layers, kl, nll} (mean nats per token). `student`, `teacher`:
     (config, params) pairs. The teacher's final hidden states are computed once; logits are chunked."""
-    keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
-    batches = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
+    batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in batches]
     if not batches:
         raise ValueError("kl_greedy_order needs at least one calibration batch")
     t_config, t_params = teacher

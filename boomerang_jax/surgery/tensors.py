@@ -16,8 +16,7 @@ import numpy as np
 
 from boomerang_jax.hf import names
 from boomerang_jax.hf.export import params_getter
-from boomerang_jax.hf.load import LeafGetter, lazy_tensors, read_model_dir
-from boomerang_jax.hf.sources import EMBEDDED_TEACHER, load_model
+from boomerang_jax.hf.load import EMBEDDED_TEACHER, LeafGetter, lazy_tensors, load_model, read_model_dir
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.model import HFFiles
 from boomerang_jax.models.transformer import Params
@@ -56,19 +55,11 @@ def source_from_params(
     *,
     where: str = "<memory>",
     files: HFFiles | None = None,
-    hf_config: dict[str, Any] | None = None,
-    tokenizer_files: dict[str, bytes] | None = None,
-    generation_config: dict[str, Any] | None = None,
     plan: LayerPlan | None = None,
 ) -> TensorSource:
-    """A TensorSource over an in-memory parameter tree (e.g. a student restored from a training checkpoint).
-
-    `files` (e.g. a Model's) are carried along; `hf_config`/`tokenizer_files`/`generation_config`, when
-    given, replace that field of `files`."""
-    base = files or HFFiles()
-    files = HFFiles(hf_config=dict(base.hf_config if hf_config is None else hf_config),
-                    tokenizer_files=dict(base.tokenizer_files if tokenizer_files is None else tokenizer_files),
-                    generation_config=base.generation_config if generation_config is None else generation_config)
+    """A TensorSource over an in-memory parameter tree (e.g. a student restored from a training checkpoint),
+    carrying `files` (e.g. a Model's HF config and tokenizer) into its export."""
+    files = files or HFFiles()
     dtype = np.dtype(params["embed"]["embedding"].dtype)
     return TensorSource(config, params_getter(params), where, dtype, files, plan)
 

@@ -183,7 +183,7 @@ def _runs(sources: Sequence[tuple[str, int]]) -> list[tuple[str, list[int]]]:
 def interpolate(student: Any, teacher: Any, plan: LayerPlan, patched: Iterable[int]) -> Model:
     """The model with `patched` student layers (any subset) replaced in place by their teacher blocks.
 
-    `student`/`teacher` are (config, params) pairs or objects with .config and .params (e.g. a Checkpoint).
+    `student`/`teacher` are (config, params) pairs or objects with .config and .params (e.g. a Model).
     Patching nothing gives the student exactly; patching everything gives the teacher exactly.
     """
     s, t = _model(student, "student"), _model(teacher, "teacher")

