@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 
 from boomerang_jax.infra import parallel  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
-from boomerang_jax.distill.step import Distiller, TrainConfig  # noqa: E402
+from boomerang_jax.distill.optim import TrainConfig  # noqa: E402
+from boomerang_jax.distill.step import Distiller  # noqa: E402
 from boomerang_jax.infra.topology import GIB, Generation, Topology  # noqa: E402
 from boomerang_jax.models.config import ModelConfig  # noqa: E402
 from boomerang_jax.models.transformer import init_params  # noqa: E402

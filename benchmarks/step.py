@@ -75,7 +75,8 @@ def run_jax(a: argparse.Namespace) -> dict:
 
     from boomerang_jax import surgery
     from boomerang_jax.distill.loss import LossConfig
-    from boomerang_jax.distill.step import Distiller, TrainConfig
+    from boomerang_jax.distill.optim import TrainConfig
+    from boomerang_jax.distill.step import Distiller
     from boomerang_jax.infra import parallel
     from boomerang_jax.models.config import ModelConfig
     from boomerang_jax.models.transformer import param_shapes

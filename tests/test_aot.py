@@ -17,7 +17,7 @@ pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is part of the te
 from boomerang_jax.infra import parallel  # noqa: E402
 from boomerang_jax.cli import main as cli_main  # noqa: E402
 from boomerang_jax.distill.loss import LossConfig  # noqa: E402
-from boomerang_jax.distill.step import TrainConfig  # noqa: E402
+from boomerang_jax.distill.optim import TrainConfig  # noqa: E402
 from boomerang_jax.infra.topology import GIB, parse_topology  # noqa: E402
 from boomerang_jax.models.config import ModelConfig  # noqa: E402
 from boomerang_jax.pod.aot import (  # noqa: E402

@@ -40,7 +40,7 @@ def test_nonsense_hyper_parameters_are_refused_before_training_naming_the_key(tm
 
 def test_sensible_settings_still_pass_the_checks():
     from boomerang_jax.distill.loss import LossConfig
-    from boomerang_jax.distill.step import TrainConfig
+    from boomerang_jax.distill.optim import TrainConfig
 
     TrainConfig(lr=3e-4, b1=0.0, b2=0.999, weight_decay=0.0, end_lr_ratio=1.0, warmup_steps=0)
     TrainConfig(warmup_steps=None, lr=1)

@@ -144,7 +144,8 @@ def test_sigterm_checkpoints_the_current_step(setup):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup):
     from boomerang_jax.distill.checkpoint import Checkpointer
-    from boomerang_jax.distill.train import TrainingDiverged, run_distillation
+    from boomerang_jax.distill.loop import TrainingDiverged
+    from boomerang_jax.distill.train import run_distillation
 
     root, teacher = setup
     cfg = load_run_config(write_config(root, teacher, "nan", lr=1e38, clip_norm=1e38, total_steps=50),

@@ -116,3 +116,12 @@ def test_the_checks_see_a_violation(tmp_path):
     bad.write_text("from boomerang_jax.distill import train\n\ndef f():\n    from boomerang_jax.infra import storage\n")
     assert _imports(bad) == [("boomerang_jax.distill.train", 1, True), ("boomerang_jax.infra.storage", 4, False)]
     assert LAYERS[_layer("boomerang_jax.distill.train")] > LAYERS[_layer("boomerang_jax.surgery.plan")]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_use_only_the_public_names_of_other_modules(module):
+    tree = ast.parse(MODULES[module].read_text())
+    private = [f"line {n.lineno}: {n.module}.{a.name}" for n in ast.walk(tree)
+               if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("boomerang_jax")
+               for a in n.names if a.name.startswith("_")]
+    assert not private, f"{module} imports private names (make them public where they live):\n  " + "\n  ".join(private)

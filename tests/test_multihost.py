@@ -34,7 +34,8 @@ def _train(mesh_spec: str, devices=None, process_rows: bool = False):
     import jax
 
     from boomerang_jax.distill.loss import LossConfig
-    from boomerang_jax.distill.step import Distiller, TrainConfig
+    from boomerang_jax.distill.optim import TrainConfig
+    from boomerang_jax.distill.step import Distiller
     from boomerang_jax.infra import parallel
     from tests.test_step import make_batch, tiny_setup
 

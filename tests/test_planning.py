@@ -26,7 +26,8 @@ import json, sys
 import jax, numpy as np
 from boomerang_jax.infra import parallel
 from boomerang_jax.distill.loss import LossConfig
-from boomerang_jax.distill.step import Distiller, TrainConfig
+from boomerang_jax.distill.optim import TrainConfig
+from boomerang_jax.distill.step import Distiller
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import init_params
 from boomerang_jax.pod.planning import RunShape, state_bytes

@@ -36,7 +36,8 @@ def worker(config: str, process_id: int, port: int, out_dir: str, max_steps: int
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_preemption_service", service == "jax")
     from boomerang_jax.distill.config import load_run_config
-    from boomerang_jax.distill.train import _Preemption, run_distillation
+    from boomerang_jax.distill.loop import Preemption
+    from boomerang_jax.distill.train import run_distillation
     from boomerang_jax.infra import parallel
 
     assert parallel.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, timeout_s=60)
@@ -47,7 +48,7 @@ def worker(config: str, process_id: int, port: int, out_dir: str, max_steps: int
         print(msg, flush=True)
 
     summary = run_distillation(load_run_config(config), log=log, max_steps=max_steps or None)
-    out = {"status": summary["status"], "step": summary["step"], "mode": _Preemption().mode, "log": lines}
+    out = {"status": summary["status"], "step": summary["step"], "mode": Preemption().mode, "log": lines}
     Path(out_dir, f"summary{process_id}.json").write_text(json.dumps(out))
     jax.distributed.shutdown()
     sys.exit(143 if summary["status"] == "preempted" else 0)

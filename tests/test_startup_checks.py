@@ -170,7 +170,8 @@ def test_put_batch_keeps_the_training_contract_and_put_eval_batch_does_not_split
 import json
 from boomerang_jax.infra import parallel
 from boomerang_jax.distill.loss import LossConfig
-from boomerang_jax.distill.step import Distiller, TrainConfig
+from boomerang_jax.distill.optim import TrainConfig
+from boomerang_jax.distill.step import Distiller
 from tests.test_step import make_batch, tiny_setup
 cfg, tparams, plan, student = tiny_setup()
 d = Distiller(student.config, cfg, plan, parallel.make_mesh("data=2,fsdp=4"),

@@ -16,16 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from boomerang_jax import surgery
 from boomerang_jax.distill.loss import LossConfig, distill_loss
-from boomerang_jax.distill.step import (
-    Distiller,
-    TrainConfig,
-    TrainState,
-    distill_forward,
-    hybrid_arrays,
-    lr_schedule,
-    make_optimizer,
-    patch_schedule,
-)
+from boomerang_jax.distill.hybrid import hybrid_arrays, patch_schedule
+from boomerang_jax.distill.optim import TrainConfig, TrainState, lr_schedule, make_optimizer
+from boomerang_jax.distill.step import Distiller, distill_forward
 from boomerang_jax.infra import parallel
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import forward, head_kernel, param_shapes

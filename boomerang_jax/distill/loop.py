@@ -44,14 +44,14 @@ def peak_flops(override_tflops: float | None) -> float | None:
 def _jax_preemption_sync() -> bool:
     """Whether JAX's preemption sync manager is running (jax.distributed started with jax_enable_preemption_service,
     the default). It is only reachable through jax's private distributed state; if that ever moves, we fall back to
-    our own agreement (`_Preemption`), never to a per-host decision."""
+    our own agreement (`Preemption`), never to a per-host decision."""
     from jax._src import distributed
 
     state = getattr(distributed, "global_state", None)
     return getattr(state, "client", None) is not None and getattr(state, "preemption_sync_manager", None) is not None
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM -> stop after a step (the step in flight finishes first), the same step on every process.
 
     One process ("local"): a Python SIGTERM handler sets a flag checked between steps. Several processes, where
@@ -70,7 +70,7 @@ class _Preemption:
         else:
             self.mode = "jax" if _jax_preemption_sync() else "allgather"
 
-    def __enter__(self) -> "_Preemption":
+    def __enter__(self) -> "Preemption":
         if self.mode == "jax":
             return self
         try:
@@ -164,7 +164,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def _host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     """A step's metrics as host floats."""
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
@@ -175,7 +175,7 @@ def _evaluate(distiller: Distiller, params: Any, teacher: Any, batches: Iterable
     sums: dict[str, float] = {}
     tokens = 0.0
     for batch in batches:
-        m = _host_metrics(distiller.evaluate(params, teacher, distiller.put_eval_batch(batch)))
+        m = host_metrics(distiller.evaluate(params, teacher, distiller.put_eval_batch(batch)))
         n = m.pop("tokens")
         tokens += n
         for k, v in m.items():

@@ -27,9 +27,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from boomerang_jax.distill.hybrid import Hybrid, check_patch_sizes, hybrid_arrays, hybrid_model, patch_schedule  # noqa: F401
+from boomerang_jax.distill.hybrid import Hybrid, check_patch_sizes, hybrid_arrays, hybrid_model, patch_schedule
 from boomerang_jax.distill.loss import LossConfig, distill_loss
-from boomerang_jax.distill.optim import (  # noqa: F401
+from boomerang_jax.distill.optim import (
     TrainConfig, TrainState, abstract_train_state, lr_schedule, make_optimizer, opt_state_shardings,
 )
 from boomerang_jax.infra import parallel

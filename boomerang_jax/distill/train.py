@@ -21,16 +21,15 @@ import jax.numpy as jnp
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like, check_versions
 from boomerang_jax.distill.config import RunConfig, RunConfigError
-from boomerang_jax.distill.loop import (  # noqa: F401  (flops_per_token, TrainingDiverged: used by importers)
+from boomerang_jax.distill.loop import (
     MetricsLog,
     PeriodicEval,
+    Preemption,
     Progress,
     RunCheckpoints,
     Throughput,
-    TrainingDiverged,
-    _host_metrics,
-    _Preemption,
     flops_per_token,
+    host_metrics,
     peak_flops,
 )
 from boomerang_jax.distill.optim import TrainState, abstract_train_state
@@ -219,12 +218,12 @@ def run_distillation(cfg: RunConfig, *, log: Callable[[str], None] = parallel.ma
     status = "finished"
     progress = Progress(settings.progress, tcfg.total_steps, step)
     last: dict[str, float] = {}
-    with _Preemption() as preempt:
+    with Preemption() as preempt:
         while step < end:
             t = time.perf_counter()
             batch = next(iterator)
             state, metrics = distiller.step(state, r.teacher_params, distiller.put_batch(batch), step=step)
-            host = _host_metrics(metrics)
+            host = host_metrics(metrics)
             step += 1
             dt = time.perf_counter() - t
             checkpoints.check_finite(host, step)

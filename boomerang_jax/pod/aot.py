@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from boomerang_jax.distill.config import RunConfig
-from boomerang_jax.distill.step import Distiller, hybrid_arrays
+from boomerang_jax.distill.hybrid import hybrid_arrays
+from boomerang_jax.distill.step import Distiller
 from boomerang_jax.distill.train import check_batch_config
 from boomerang_jax.models.nll import row_nll
 from boomerang_jax.infra import parallel
