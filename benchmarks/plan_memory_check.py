@@ -33,7 +33,7 @@ from boomerang_jax.distill.step import Distiller  # noqa: E402
 from boomerang_jax.infra.topology import GIB, Generation, Topology  # noqa: E402
 from boomerang_jax.models.config import ModelConfig  # noqa: E402
 from boomerang_jax.models.transformer import init_params  # noqa: E402
-from boomerang_jax.pod.planning import RunShape, plan_memory, state_bytes  # noqa: E402
+from boomerang_jax.pod.planning import RunShape, estimate_memory, state_bytes  # noqa: E402
 from boomerang_jax.surgery import LayerPlan, prune  # noqa: E402
 
 QWEN_LIKE = dict(model_type="qwen3", num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -74,7 +74,7 @@ def one(setting: dict, dtype: str) -> dict:
     kind = jax.devices()[0].device_kind
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
     topo = Topology(f"local-{n}", "local", Generation(kind, int(hbm), 0.0), n, 1)
-    plan_ = plan_memory(shape, topo, {"data": 1, "fsdp": -1, "tensor": 1})
+    plan_ = estimate_memory(shape, topo, {"data": 1, "fsdp": -1, "tensor": 1})
     exact = state_bytes(shape, plan_.mesh)
     rng = np.random.default_rng(0)
     b, t = setting["batch"], setting["seq"]

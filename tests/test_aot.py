@@ -129,7 +129,7 @@ def test_compiled_train_step_arguments_are_exactly_the_sharded_state_teacher_and
     assert donated <= train.alias <= 1.02 * donated, (train.alias, donated)
     assert train.temp > 0 and report.fits and report.margin > 0.99
     assert report.mesh == sizes and report.libtpu_name == "v5e:2x2"
-    assert report.plan is not None and report.plan.total > 0
+    assert report.estimate is not None and report.estimate.total > 0
     text = report.table()
     assert "train step" in text and "eval step" in text and "fits" in text
 

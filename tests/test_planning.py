@@ -14,7 +14,7 @@ import pytest
 from boomerang_jax.cli import main as cli_main
 from boomerang_jax.distill.config import RunConfigError, load_run_config
 from boomerang_jax.infra.topology import TopologyError, generation_of, parse_topology
-from boomerang_jax.pod.planning import PlanningError, activation_parts, plan_memory, run_flops, run_shape
+from boomerang_jax.pod.planning import PlanningError, activation_parts, estimate_memory, run_flops, run_shape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/paper-*.yaml"))
@@ -92,7 +92,7 @@ def test_every_gpu_preset_of_every_paper_config_fits_by_the_estimate():
             if parse_topology(name).kind != "gpu":
                 continue
             cfg = load_run_config(path, preset=name)
-            plan = plan_memory(run_shape(cfg), name, cfg.mesh)
+            plan = estimate_memory(run_shape(cfg), name, cfg.mesh)
             assert plan.fits, (path.name, name, plan.table())
 
 

@@ -28,7 +28,7 @@ def plan_memory_command(args: argparse.Namespace) -> int:
     """`boomerang plan-memory`: per-device memory of a run on each topology, the run's FLOPs and time.
     Exit 0 when every topology can run the config, 2 when one cannot (it says why)."""
     from boomerang_jax.distill.config import load_run_config
-    from boomerang_jax.pod.planning import accelerator_hours, describe_run, plan_memory, run_flops, run_shape
+    from boomerang_jax.pod.planning import accelerator_hours, describe_run, estimate_memory, run_flops, run_shape
 
     base = load_run_config(args.config, args.overrides)
     topologies = args.topology or list(base.presets) or ["v5p-8"]
@@ -38,7 +38,7 @@ def plan_memory_command(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.config, args.overrides, preset=preset)
         shape = run_shape(cfg)
         try:
-            plan: Any = plan_memory(shape, topo, cfg.mesh)
+            plan: Any = estimate_memory(shape, topo, cfg.mesh)
         except ValueError as e:  # this topology cannot run the config as is: say why, go on with the others
             plan = e
         results.append((topo, preset, shape, plan))

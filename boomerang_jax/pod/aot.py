@@ -11,7 +11,7 @@ parameters as ShapeDtypeStructs (nothing allocated, no weights read), the three 
 
 XLA's memory analysis of each compiled program is the per-device memory that chip would need: arguments,
 outputs, temporaries, minus what donation aliases. The largest program decides whether the run fits the chip's
-HBM; `planning.plan_memory`'s estimate is printed next to it. A run that does not fit is reported before any
+HBM; `planning.estimate_memory`'s estimate is printed next to it. A run that does not fit is reported before any
 TPU is paid for (non-zero exit from the CLI).
 """
 
@@ -38,7 +38,7 @@ from boomerang_jax.distill.train import check_batch_config
 from boomerang_jax.models.nll import row_nll
 from boomerang_jax.infra import parallel
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
-from boomerang_jax.pod.planning import MemoryPlan, RunShape, describe_run, plan_memory, run_shape
+from boomerang_jax.pod.planning import MemoryEstimate, RunShape, describe_run, estimate_memory, run_shape
 from boomerang_jax.surgery import patched_first
 
 PROGRAMS = ("train step", "eval step", "teacher forward")
@@ -150,7 +150,7 @@ class CompileReport:
     libtpu_name: str
     mesh: dict[str, int]
     programs: list[ProgramMemory]
-    plan: MemoryPlan | None
+    estimate: MemoryEstimate | None  # plan-memory's figures for the same run
     describe: str = ""
 
     @property
@@ -193,9 +193,9 @@ class CompileReport:
             lines.append(f"  {p.name:<18}{p.argument / GIB:10.3f}{p.output / GIB:9.3f}{p.alias / GIB:9.3f}"
                          f"{p.temp / GIB:9.3f}{p.total / GIB:9.3f}{p.lower_s:9.1f}{p.compile_s:10.1f}")
         train = next((p for p in self.programs if p.name == "train step"), None)
-        if self.plan is not None and train is not None:
-            ratio = self.plan.total / max(train.total, 1)
-            lines.append(f"  plan-memory estimate of the train step: {self.plan.total / GIB:.3f} GiB "
+        if self.estimate is not None and train is not None:
+            ratio = self.estimate.total / max(train.total, 1)
+            lines.append(f"  plan-memory estimate of the train step: {self.estimate.total / GIB:.3f} GiB "
                          f"({ratio:.2f}x XLA's)")
         lines.append("  " + self.verdict())
         return "\n".join(lines)
@@ -204,7 +204,7 @@ class CompileReport:
         return {"topology": self.topology.name, "libtpu_topology": self.libtpu_name, "slices": self.topology.slices,
                 "mesh": self.mesh, "hbm": self.hbm, "programs": [p.to_dict() for p in self.programs],
                 "peak_program": self.peak.name, "peak": self.peak.total, "fits": self.fits, "margin": self.margin,
-                "plan_memory": None if self.plan is None else self.plan.total}
+                "plan_memory": None if self.estimate is None else self.estimate.total}
 
 
 def _compiled_memory(name: str, lower: Callable[[], Any]) -> ProgramMemory:
@@ -286,7 +286,7 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
             teacher, shape.teacher, batch, chunk=min(shape.loss.chunk, seq), dtype=shape.train.compute_dtype,
             rows_sharding=rows)))
     try:
-        estimate = plan_memory(shape, topo, mesh)
+        estimate = estimate_memory(shape, topo, mesh)
     except Exception:  # the estimate is informative only
         estimate = None
     return CompileReport(topo, libtpu_topology_name(topo), sizes, out, estimate, describe_run(shape))

@@ -214,7 +214,7 @@ def gathered_parts(shape: RunShape, sizes: Mapping[str, int]) -> list[tuple[str,
 
 
 @dataclasses.dataclass
-class MemoryPlan:
+class MemoryEstimate:
     """Per-device memory of one run on one topology and mesh."""
 
     topology: Topology
@@ -255,7 +255,7 @@ class MemoryPlan:
                 "hbm": self.topology.hbm_bytes, "fits": self.fits}
 
 
-def plan_memory(shape: RunShape, topology: Topology | str, mesh: Any) -> MemoryPlan:
+def estimate_memory(shape: RunShape, topology: Topology | str, mesh: Any) -> MemoryEstimate:
     """Per-device memory of `shape` on `topology` with `mesh` (a mesh config; -1 fills the topology's devices)."""
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     data, fsdp, tensor = parallel.MeshConfig.parse(mesh).sizes(topo.chips)
@@ -269,7 +269,7 @@ def plan_memory(shape: RunShape, topology: Topology | str, mesh: Any) -> MemoryP
                   grads)]
     estimated += gathered_parts(shape, sizes) + activation_parts(shape, sizes)
     rows = shape.global_batch // shape.train.micro_batches // (data * fsdp)
-    return MemoryPlan(topo, sizes, rows, exact, estimated)
+    return MemoryEstimate(topo, sizes, rows, exact, estimated)
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
