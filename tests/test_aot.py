@@ -134,6 +134,21 @@ def test_compiled_train_step_arguments_are_exactly_the_sharded_state_teacher_and
     assert "train step" in text and "eval step" in text and "fits" in text
 
 
+def test_the_train_step_compiles_with_splash_attention_on_a_tpu_mesh():
+    # train.attention=splash: the step is traced under the mesh, so the Pallas kernel runs per device (shard_map)
+    from boomerang_jax.distill.step import Distiller
+
+    shape = tiny_shape(batch=4, seq=256, micro=1, hf=TILED_HF, attention="splash")
+    mesh = parallel.make_mesh("data=2,fsdp=1,tensor=2", topology_devices("v5e-4"))
+    d = Distiller(shape.student, shape.teacher, shape.plan, mesh, shape.train, shape.loss)
+    assert d.student_config.attention == d.teacher_config.attention == "splash"
+    hlo = d.lower_step(shape.global_batch, shape.seq_len).as_text()
+    assert "tpu_custom_call" in hlo  # the Mosaic kernel, not the einsum over a [T, T] mask
+    # and it compiles for the chips (at this size the kernel saves nothing; at T = 2048 it does: docs/DECISIONS.md)
+    report = compile_run(shape, "v5e-4", "data=2,fsdp=1,tensor=2", programs=("train step",))
+    assert report.fits and report.programs[0].argument > 0
+
+
 def test_a_run_that_needs_more_than_the_chips_hbm_is_reported_as_not_fitting():
     # attention scores alone: 16 rows x 8 heads x 8192^2 float32 = 32 GiB per device on a 16 GiB v5e chip
     shape = tiny_shape(batch=64, seq=8192, micro=1, remat="none")

@@ -19,6 +19,7 @@ the whole batch (every loss term is a mean over real tokens of the whole batch).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -127,6 +128,11 @@ class Distiller:
             raise ValueError(f"plan ({plan.num_student_layers} <- {plan.num_teacher_layers} layers) does not fit "
                              f"student ({student_config.num_layers}) / teacher ({teacher_config.num_layers})")
         self.student_config, self.teacher_config, self.plan = student_config, teacher_config, plan
+        # A Pallas kernel (splash attention) is placed per device under shard_map, which needs the mesh as the
+        # context while the step is traced and lowered; Mosaic also refuses float32-precision dots on bf16
+        # operands, so a global "highest" matmul precision is lifted there. The xla path traces as it always has.
+        kernel = any(c.attention != "xla" for c in (student_config, teacher_config))
+        self.mesh_context = _kernel_context(mesh) if kernel else contextlib.nullcontext
         check_patch_sizes(plan, train_cfg.patch_sizes)  # a bad size is an error now, not at its first step
         self.mesh, self.train_cfg, self.loss_cfg = mesh, train_cfg, loss_cfg
         self.optimizer = make_optimizer(train_cfg)
@@ -199,12 +205,14 @@ class Distiller:
         b = batch["tokens"].shape[0]
         parallel.check_batch_size(b, self.mesh, self.train_cfg.micro_batches)
         if not self.train_cfg.patch_sizes:
-            return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, None)
+            with self.mesh_context():
+                return self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, None)
         if step is None:
             raise ValueError("train.patch_sizes is set: Distiller.step needs the step number")
         patched = patch_schedule(self.plan, self.train_cfg.patch_sizes, self.train_cfg.patch_seed, step)
         hybrid = None if patched is None else hybrid_arrays(self.plan, patched)
-        state, metrics = self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, hybrid)
+        with self.mesh_context():
+            state, metrics = self._step(state, teacher_params, {k: batch[k] for k in BATCH_KEYS}, hybrid)
         # the loss terms of a hybrid step are the hybrid's: log its size next to them
         layers = self.plan.num_layers(patched or ())
         return state, dict(metrics, model_layers=jnp.asarray(layers, jnp.float32))
@@ -213,7 +221,8 @@ class Distiller:
         """Loss metrics of the current student on a batch (from `put_eval_batch`), without updating anything.
         The whole batch runs at once: train.micro_batches does not apply."""
         parallel.check_batch_size(batch["tokens"].shape[0], self.mesh)
-        return self._eval(params, teacher_params, {k: batch[k] for k in BATCH_KEYS})
+        with self.mesh_context():
+            return self._eval(params, teacher_params, {k: batch[k] for k in BATCH_KEYS})
 
     def _gather_embedding(self, params: Params, shardings: Params) -> Params:
         """Gather the embedding over fsdp before use (kept vocab-parallel over tensor): the token lookup then
@@ -296,14 +305,26 @@ class Distiller:
     def lower_step(self, rows: int, seq_len: int, hybrid: Hybrid | None = None) -> jax.stages.Lowered:
         """The train step lowered for a global batch of `rows` x `seq_len` (with `hybrid`: a patch-aware step)."""
         parallel.check_batch_size(rows, self.mesh, self.train_cfg.micro_batches)
-        return self._step.lower(self.abstract_state(), self.abstract_teacher(), self.abstract_batch(rows, seq_len),
-                                hybrid)
+        with self.mesh_context():
+            return self._step.lower(self.abstract_state(), self.abstract_teacher(),
+                                    self.abstract_batch(rows, seq_len), hybrid)
 
     def lower_eval(self, rows: int, seq_len: int) -> jax.stages.Lowered:
         """The held-out evaluation step lowered for a global batch of `rows` x `seq_len` (never micro-batched)."""
         parallel.check_batch_size(rows, self.mesh)
-        return self._eval.lower(self.abstract_state().params, self.abstract_teacher(),
-                                self.abstract_batch(rows, seq_len))
+        with self.mesh_context():
+            return self._eval.lower(self.abstract_state().params, self.abstract_teacher(),
+                                    self.abstract_batch(rows, seq_len))
+
+
+def _kernel_context(mesh: Mesh) -> Any:
+    """A context factory: `mesh` as JAX's context mesh and the default matmul precision (what Pallas TPU needs)."""
+    @contextlib.contextmanager
+    def context() -> Any:
+        with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+            yield
+
+    return context
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:

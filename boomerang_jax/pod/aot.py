@@ -282,9 +282,12 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
         fwd = jax.jit(row_nll, static_argnames=("config", "chunk", "dtype", "rows_sharding"),
                       out_shardings=NamedSharding(jmesh, P(parallel.BATCH_AXES)))
         rows = NamedSharding(jmesh, P(parallel.BATCH_AXES, None, None))
-        out.append(_compiled_memory("teacher forward", lambda: fwd.lower(
-            teacher, shape.teacher, batch, chunk=min(shape.loss.chunk, seq), dtype=shape.train.compute_dtype,
-            rows_sharding=rows)))
+        def lower_teacher() -> jax.stages.Lowered:
+            with d.mesh_context():
+                return fwd.lower(teacher, d.teacher_config, batch, chunk=min(shape.loss.chunk, seq),
+                                 dtype=shape.train.compute_dtype, rows_sharding=rows)
+
+        out.append(_compiled_memory("teacher forward", lower_teacher))
     try:
         estimate = estimate_memory(shape, topo, mesh)
     except Exception:  # the estimate is informative only
