@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-sequences", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--atol", type=float, default=1e-3)
+    p.add_argument("--rtol", type=float, default=1e-4, help="largest difference relative to the largest |logit|")
     p.set_defaults(func=verify_command)
 
     from boomerang_jax.commands.data import (

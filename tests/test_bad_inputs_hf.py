@@ -320,3 +320,16 @@ def test_verify_needs_at_least_one_sequence_and_token(model_dir, capsys, flag):
     rc, err = _run(["verify", model_dir, flag, "0"], capsys)
     assert rc == 2, err
     assert f"{flag} must be >= 1 (got 0)" in err
+
+
+def test_verify_judges_the_difference_relative_to_the_logits(model_dir, capsys):
+    from boomerang_jax.hf.verify import VerifyReport
+
+    # the hardening report's case: 9.3e-4 on logits of magnitude 0.44 passed an absolute 1e-3; it is 2e-3 relative
+    report = VerifyReport("m", max_abs_diff=9.3e-4, max_abs_logit=0.44, num_sequences=1, seq_len=8, atol=1e-3)
+    assert not report.ok and "MISMATCH" in str(report) and "2.1e-03 of max |logit|" in str(report)
+    # an exact export passes both tolerances, and the ratio is printed
+    rc, out = main(["verify", str(model_dir), "--num-sequences", "1", "--seq-len", "8"]), capsys.readouterr().out
+    assert rc == 0 and out.startswith("OK:") and "of max |logit|" in out and "rtol 0.0001" in out
+    # a tighter --rtol than float32 rounding can meet is a mismatch (exit 1), whatever --atol says
+    assert main(["verify", str(model_dir), "--num-sequences", "1", "--seq-len", "8", "--rtol", "1e-12"]) == 1

@@ -25,9 +25,10 @@ def verify_target(path: str | os.PathLike, **kwargs: Any) -> list[VerifyReport]:
 
 
 def verify_main(args: argparse.Namespace) -> int:
-    """`boomerang verify PATH`: print one report per model; exit 1 when any differs by more than --atol."""
+    """`boomerang verify PATH`: print one report per model; exit 1 when any differs by more than --atol or --rtol."""
     ok = True
-    for report in verify_target(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol):
+    for report in verify_target(args.path, num_sequences=args.num_sequences, seq_len=args.seq_len, atol=args.atol,
+                                 rtol=args.rtol):
         print(report, flush=True)
         ok = ok and report.ok
     return 0 if ok else 1

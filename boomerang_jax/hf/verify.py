@@ -15,7 +15,9 @@ from boomerang_jax.models.transformer import forward
 
 @dataclasses.dataclass
 class VerifyReport:
-    """One export checked against transformers: the largest logit difference, and whether it is within atol."""
+    """One export checked against transformers: the largest logit difference, and whether it is within both
+    tolerances: `atol` (absolute) and `rtol` times the largest |logit| (a difference that is small only because
+    the logits are small, e.g. 9e-4 on logits of 0.44, is a different model, not rounding)."""
 
     path: str
     max_abs_diff: float
@@ -23,16 +25,21 @@ class VerifyReport:
     num_sequences: int
     seq_len: int
     atol: float
+    rtol: float = 1e-4
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / max(self.max_abs_logit, 1e-30)
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.atol
+        return self.max_abs_diff <= self.atol and self.relative_diff <= self.rtol
 
     def __str__(self) -> str:
         status = "OK" if self.ok else "MISMATCH"
         return (f"{status}: {self.path}: max |logits_jax - logits_transformers| = {self.max_abs_diff:.3e} "
-                f"(max |logit| {self.max_abs_logit:.2f}, {self.num_sequences} sequences x {self.seq_len} tokens, "
-                f"atol {self.atol:g})")
+                f"= {self.relative_diff:.1e} of max |logit| {self.max_abs_logit:.2f} ({self.num_sequences} sequences x "
+                f"{self.seq_len} tokens; atol {self.atol:g}, rtol {self.rtol:g})")
 
 
 def verify_export(
@@ -42,6 +49,7 @@ def verify_export(
     seq_len: int = 32,
     seed: int = 0,
     atol: float = 1e-3,
+    rtol: float = 1e-4,
     tokens: np.ndarray | None = None,
 ) -> VerifyReport:
     """Reload `path` with transformers.AutoModelForCausalLM (fp32, CPU) and with `load_hf`; compare logits.
@@ -76,4 +84,5 @@ def verify_export(
         num_sequences=int(tokens.shape[0]),
         seq_len=int(tokens.shape[1]),
         atol=atol,
+        rtol=rtol,
     )
