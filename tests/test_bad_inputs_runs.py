@@ -5,6 +5,8 @@ Before: `train.lr=-0.03` ran gradient ascent for 20 steps (loss 4.9 -> 22.9) and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from boomerang_jax.cli import main as cli_main
@@ -67,3 +69,26 @@ def test_a_student_that_does_not_fit_its_teacher_is_refused_at_start_up(tmp_path
     assert code == 2, err
     assert f"student {student_dir} cannot be distilled from teacher {teacher_dir}" in err and message in err, err
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_half_written_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    from boomerang_jax.distill.loop import MetricsLog, PartialLineWarning
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(4)]
+    path.write_text("\n".join(rows) + '\n{"step": 4, "loss": 0.2, "ce": 0.1')  # the disk filled mid-line
+    with pytest.warns(PartialLineWarning, match=r"metrics\.jsonl: line 5 is cut off"):
+        log = MetricsLog(str(tmp_path), resume_step=2)
+    assert path.read_text().splitlines() == rows[:3]  # rows after the checkpoint go, and so does the cut line
+    log.write(3, {"loss": 0.5})
+    assert json.loads(path.read_text().splitlines()[-1]) == {"step": 3, "loss": 0.5}
+
+
+def test_a_broken_metrics_line_before_the_last_is_an_error_naming_the_file_and_line(tmp_path):
+    from boomerang_jax.distill.loop import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1, oops\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a metrics row"):
+        MetricsLog(str(tmp_path), resume_step=2)
+    assert path.read_text() == '{"step": 0}\n{"step": 1, oops\n{"step": 2}\n'  # nothing rewritten

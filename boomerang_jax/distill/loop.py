@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -99,6 +100,30 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+class PartialLineWarning(UserWarning):
+    """metrics.jsonl ended in a half-written line (the disk filled, or the process died mid-write): dropped."""
+
+
+def _read_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every metrics row in `path`. A last line that is not JSON was cut off mid-write: it is
+    dropped with a warning naming the file (the run resumes); a broken line before it is an error naming it."""
+    lines = [(i, ln) for i, ln in enumerate(storage.read_text(path).splitlines(), 1) if ln.strip()]
+    rows = []
+    for n, (i, ln) in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                warnings.warn(f"{path}: line {i} is cut off ({e}); dropped, the run resumes from its checkpoint",
+                              PartialLineWarning, stacklevel=3)
+                break
+            raise ValueError(f"{path}: line {i} is not a metrics row ({e}); fix or delete that line") from None
+        rows.append((ln, row))
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl (and TensorBoard events when tensorboardX is installed), written by process 0 only.
 
@@ -121,8 +146,7 @@ class MetricsLog:
             return
         storage.makedirs(run_dir)
         if storage.exists(self.path):  # drop lines from steps after the checkpoint we resume from
-            keep = [ln for ln in storage.read_text(self.path).splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln, row in _read_rows(self.path) if row.get("step", 0) <= resume_step]
             self._lines = [ln + "\n" for ln in keep]
             storage.write_text(self.path, "".join(self._lines))
         try:
