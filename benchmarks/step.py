@@ -1,14 +1,15 @@
 """Train-step throughput of our sharded JAX step vs the PyTorch reference-style step, same shapes, same machine.
 
 Both sides distil a random-weight teacher of a public model's shapes into its every-other-layer student
-(the paper's default plan: every=2, first=1, last=2) with CE + KL + per-pair cosine and AdamW. Each
+(the paper's default plan: every=2, first=1, last=2) with CE + KL + per-pair cosine and AdamW; the reference
+is benchmarks/torch_reference_step.py (or any script given by --reference with its CLI and JSON line). Each
 measurement runs in a fresh subprocess, A/B alternated (round r runs ours then theirs, or theirs then ours),
 and the table reports medians over rounds of per-step medians:
 
     .venv/bin/python benchmarks/step.py --preset smollm2-135m --batch 2 --seq 256 --compute-dtype fp32
     python benchmarks/step.py --preset qwen3-1.7b --batch 8 --seq 2048          # on a GPU
 
-tokens/s = batch * seq / step time. Model FLOPs per token use the reference script's formula (2 x params +
+tokens/s = batch * seq / step time. Model FLOPs per token, one formula for both sides (2 x params +
 attention for the teacher forward, 3x that for the student forward + backward, no causal halving), so the
 two MFU columns are directly comparable. MFU's peak: --peak-tflops, else a table of known GPUs (dense bf16),
 else (CPU) the measured throughput of a large float32 matmul on this machine in JAX, so on a CPU "MFU" is
@@ -29,9 +30,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = Path("/work/shared/bench/torch_reference_step.py")
+# The PyTorch reference-style step (HF models, SDPA, fp32 KL, AdamW); --reference runs another script instead.
+DEFAULT_REFERENCE = REPO / "benchmarks" / "torch_reference_step.py"
 
-# Same shapes as the reference script's PRESETS (HF config keys).
+# Shapes of both sides (HF config keys); the reference script reads this table from here.
 PRESETS: dict[str, dict] = {
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
@@ -49,7 +51,7 @@ GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0
 
 
 def model_flops_per_token(hf: dict, seq: int) -> tuple[float, int, int, int]:
-    """(FLOPs per token, teacher params, student params, student layers), the reference script's formula."""
+    """(FLOPs per token, teacher params, student params, student layers); the formula of the module docstring."""
     from boomerang_jax import surgery
     from boomerang_jax.models.config import ModelConfig
 
