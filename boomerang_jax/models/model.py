@@ -19,8 +19,26 @@ class HFFiles:
     generation_config: dict[str, Any] | None = None
 
 
+class CarriesHFFiles:
+    """The HF files of anything with a `files: HFFiles` field, as attributes (`model.tokenizer_files`, ...)."""
+
+    files: HFFiles
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return self.files.hf_config
+
+    @property
+    def tokenizer_files(self) -> dict[str, bytes]:
+        return self.files.tokenizer_files
+
+    @property
+    def generation_config(self) -> dict[str, Any] | None:
+        return self.files.generation_config
+
+
 @dataclasses.dataclass
-class Model:
+class Model(CarriesHFFiles):
     """A model in memory: its config and (stacked) parameter tree, the HF files it came with (empty for a
     model made in memory) and where it came from. Behaves as the pair (config, params) for unpacking and
     indexing (`config, params = model`, `model[1]`), as surgery's (config, params) results always have."""
@@ -38,15 +56,3 @@ class Model:
 
     def __len__(self) -> int:
         return 2
-
-    @property
-    def hf_config(self) -> dict[str, Any]:
-        return self.files.hf_config
-
-    @property
-    def tokenizer_files(self) -> dict[str, bytes]:
-        return self.files.tokenizer_files
-
-    @property
-    def generation_config(self) -> dict[str, Any] | None:
-        return self.files.generation_config

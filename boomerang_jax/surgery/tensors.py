@@ -18,7 +18,7 @@ from boomerang_jax.hf import names
 from boomerang_jax.hf.export import params_getter
 from boomerang_jax.hf.load import EMBEDDED_TEACHER, LeafGetter, lazy_tensors, load_model, read_model_dir
 from boomerang_jax.models.config import ModelConfig
-from boomerang_jax.models.model import HFFiles
+from boomerang_jax.models.model import CarriesHFFiles, HFFiles
 from boomerang_jax.models.transformer import Params
 from boomerang_jax.surgery.plan import LayerPlan
 
@@ -26,7 +26,7 @@ PLAN_FILE = "boomerang_plan.json"  # the student's LayerPlan, inside its HF dire
 
 
 @dataclasses.dataclass
-class TensorSource:
+class TensorSource(CarriesHFFiles):
     """A model to copy tensors from, read lazily through `get`, with what an HF export carries along."""
 
     config: ModelConfig
@@ -35,18 +35,6 @@ class TensorSource:
     dtype: np.dtype  # dtype the tensors are stored in
     files: HFFiles = dataclasses.field(default_factory=HFFiles)
     plan: LayerPlan | None = None
-
-    @property
-    def hf_config(self) -> dict[str, Any]:
-        return self.files.hf_config
-
-    @property
-    def tokenizer_files(self) -> dict[str, bytes]:
-        return self.files.tokenizer_files
-
-    @property
-    def generation_config(self) -> dict[str, Any] | None:
-        return self.files.generation_config
 
 
 def source_from_params(
