@@ -15,6 +15,7 @@ from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer, tokenizer_from_files
 from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
 from boomerang_jax.infra import storage
+from boomerang_jax.infra.publish import refuse_replacing_inputs
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare_command(args: argparse.Namespace) -> int:
     """Run `boomerang prepare-data`."""
     t0 = time.perf_counter()
+    refuse_replacing_inputs(args.out, [*args.source, args.tokenizer, args.data_dir])
     tokenizer = load_tokenizer(args.tokenizer)
     encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
     docs = read_documents(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
@@ -81,6 +83,7 @@ def teacher_text_command(args: argparse.Namespace) -> int:
     """`boomerang teacher-text`: sample text from the teacher into a jsonl file; prints what was written."""
     if storage.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    refuse_replacing_inputs(args.out, [args.teacher])
     teacher = load_model(args.teacher)
     # the model carries its tokenizer files (GGUF, HF dir): no second read of the model file
     tok = tokenizer_from_files(teacher.tokenizer_files) if teacher.tokenizer_files else load_tokenizer(args.teacher)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from boomerang_jax.hf.export import DEFAULT_MAX_SHARD_BYTES
 from boomerang_jax.infra import storage
+from boomerang_jax.infra.publish import refuse_replacing_inputs
 from boomerang_jax.surgery.family_export import (
     DTYPES,
     FAMILY_FILE,
@@ -120,6 +121,7 @@ def resolve_order_arg(spec: str, plan: LayerPlan, student: TensorSource, teacher
 def interpolate_command(args: argparse.Namespace) -> int:
     """`boomerang interpolate`: export a whole family (or chosen sizes) of one order."""
     t0 = time.perf_counter()
+    refuse_replacing_inputs(args.out, [args.teacher, args.student, args.calib], error=FamilyError)
     teacher = open_source(args.teacher)
     student = open_source(args.student)
     plan = LayerPlan.from_spec(args.plan, teacher.config.num_layers) if args.plan else student.plan
@@ -151,6 +153,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prune_command(args: argparse.Namespace) -> int:
     """`boomerang prune`: write the pruned student of a teacher as an HF directory carrying its plan."""
+    refuse_replacing_inputs(args.out, [args.teacher, args.plan], error=FamilyError)
     teacher = open_source(args.teacher)
     plan = LayerPlan.from_spec(args.plan, teacher.config.num_layers)
     out = save_student(args.out, pruned_source(teacher, plan), plan, dtype=args.dtype, overwrite=args.overwrite)

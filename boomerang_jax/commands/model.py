@@ -11,6 +11,7 @@ import numpy as np
 from boomerang_jax.data.tokenize import tokenizer_from_files
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
+from boomerang_jax.infra.publish import refuse_replacing_inputs
 from boomerang_jax.models.generate import greedy_generate
 
 
@@ -40,6 +41,7 @@ def info_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """Convert any supported source (GGUF, HF dir, embedded teacher) into an HF directory."""
+    refuse_replacing_inputs(args.out, [args.model])
     ck = load_model(args.model, to_device=False)
     out = save_hf(args.out, ck.config, ck.params, hf_config=ck.hf_config, tokenizer_files=ck.tokenizer_files,
                   generation_config=ck.generation_config, dtype=args.dtype,

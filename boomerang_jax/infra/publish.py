@@ -23,6 +23,26 @@ def occupied(dest: PathLike, marker: str) -> bool:
     return exists(join(dest, marker)) if is_remote(dest) else Path(dest).exists()
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def refuse_replacing_inputs(dest: PathLike, inputs: Sequence[PathLike | None], *,
+                            error: type[Exception] = FileExistsError) -> None:
+    """Refuse an output that is, or contains, one of the command's inputs: `--overwrite` would replace the very
+    model or data the command reads (an export over its own source, a family over its student)."""
+    def norm(p: PathLike) -> str:
+        return str(p).rstrip("/") if is_remote(p) else str(Path(p).expanduser().resolve())
+
+    out = norm(dest)
+    for src in inputs:
+        if src is None or (not is_remote(src) and not Path(src).expanduser().exists()):
+            continue  # a hub id or the embedded teacher: nothing on disk to replace
+        if is_remote(src) == is_remote(dest) and _inside(norm(src), out):
+            raise error(f"{dest}: the output would replace the input {src} (it is, or contains, that input); "
+                        "write to another directory")
+
+
 class DirPublisher:
     """A directory assembled under the local `path` and published at `dest` only when complete.
 
