@@ -5,13 +5,13 @@ was damaged."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import pytest
 
 from boomerang_jax.cli import main
-from tests.conftest import save_tiny
+from tests.conftest import save_tiny, word_model
 
 NAME = "llama-mha-untied-bias-headdim"  # untied, 3 layers, hidden 32
 
@@ -66,3 +66,62 @@ def test_prepare_data_over_its_own_source_is_refused(tmp_path, model_dir, capsys
     rc, err = _run(["prepare-data", src, "--tokenizer", model_dir, "--out", src, "--overwrite"], capsys)
     assert rc == 2 and f"would replace the input {src}" in err
     assert (src / "a.txt").read_text() == "hello world\n\nanother paragraph\n"
+
+
+# --------------------------------------------------------------------------- prepare-data --overwrite
+def test_prepare_data_overwrite_from_a_broken_source_keeps_the_old_dataset(tmp_path, capsys):
+    word_model(tmp_path / "tok", 1)
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("the cat sat on a mat\n\nthe dog ran to a big red house\n")
+    bad.write_bytes(b"the cat sat\n\n" + b"\xff\xfe not utf-8\n")
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(good), "--tokenizer", str(tmp_path / "tok"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = _tree(out)
+    rc, err = _run(["prepare-data", bad, "--tokenizer", tmp_path / "tok", "--out", out, "--overwrite"], capsys)
+    assert rc == 2 and str(bad) in err
+    assert _tree(out) == before  # before the fix: an empty directory
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".data.")] == []
+
+
+# --------------------------------------------------------------------------- leftovers of killed exports
+def test_leftovers_of_killed_exports_are_removed_by_the_next_export(tmp_path, model_dir, capsys):
+    out = tmp_path / "export"
+    dead = 2**22 + 12345  # above any pid this machine hands out (pid_max is at most 2**22)
+    stale = [tmp_path / f".export.partial-{dead}-0123abcd", tmp_path / ".export.old-89abcdef",
+             tmp_path / f".export.old-{dead}-00000000"]
+    live = tmp_path / f".export.partial-{os.getppid()}-fedcba98"  # a running process: maybe a live export
+    other = tmp_path / f".other.partial-{dead}-0123abcd"  # another destination's: not ours to judge here
+    for d in stale + [live, other]:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    rc, err = _run(["export", model_dir, "--out", out], capsys)
+    assert rc == 0
+    assert all(not d.exists() for d in stale) and live.exists() and other.exists()
+    assert all(f"removed {d}: left by an interrupted export to {out}" in err for d in stale)
+    assert (out / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- fsync before the rename
+def test_an_export_is_on_disk_before_the_rename_that_publishes_it(tmp_path, model_dir, monkeypatch):
+    from boomerang_jax.infra import storage
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    assert main(["export", str(model_dir), "--out", str(tmp_path / "export")]) == 0
+    publish = next(i for i, (kind, path) in enumerate(events) if kind == "replace" and ".export.partial-" in path)
+    synced = {Path(p).name for kind, p in events[:publish] if kind == "fsync"}
+    files = {p.name for p in (tmp_path / "export").iterdir()}
+    assert files and files <= synced, files - synced
+    assert any(kind == "fsync" and p == str(tmp_path) for kind, p in events[publish:])  # the rename itself

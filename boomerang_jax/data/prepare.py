@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -130,14 +131,8 @@ def prepare_dataset(
     if val_fraction > 0 and val_split == split:
         raise ValueError(f"the validation split needs a name other than {split!r}")
     meta_path = storage.join(out_dir, METADATA)
-    if storage.exists(meta_path):
-        if not overwrite:
-            raise FileExistsError(f"{meta_path} exists; pass overwrite=True (--overwrite) to replace the dataset")
-        old = Metadata.load(out_dir)
-        storage.remove(meta_path)  # first, so that a crash from here on leaves the directory marked incomplete
-        for sp in old.splits:
-            for p in old.shard_paths(out_dir, sp):
-                storage.remove(p)
+    if storage.exists(meta_path) and not overwrite:
+        raise FileExistsError(f"{meta_path} exists; pass overwrite=True (--overwrite) to replace the dataset")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     dtype = token_dtype(encoder.vocab_size)
     rng = np.random.default_rng(seed)
@@ -155,7 +150,11 @@ def prepare_dataset(
             n_docs += 1
             yield text
 
-    with publish.staged_dir(out_dir) as local:
+    # built beside the destination (or in local staging for a bucket) and published only when complete, so a
+    # source that fails half-way (bad UTF-8, a missing file) leaves an existing dataset exactly as it was
+    empty = not storage.is_remote(out_dir) and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir())
+    with publish.publish_dir(out_dir, marker=METADATA, overwrite=overwrite or empty) as pub:
+        local = str(pub.path)
         writers = {split: _ShardWriter(local, split, dtype, shard_tokens)}
         if val_fraction > 0:
             writers[val_split] = _ShardWriter(local, val_split, dtype, shard_tokens)
@@ -171,14 +170,14 @@ def prepare_dataset(
         finally:
             for w in writers.values():
                 w.close()
-    if n_docs == 0:
-        raise ValueError(f"the source yielded no non-empty documents ({n_skipped} empty ones skipped)")
-    meta = Metadata(
-        dtype=dtype.str,
-        tokenizer=encoder.describe(),
-        splits={name: w.summary() for name, w in writers.items()},
-        source=source,
-        options={"val_fraction": val_fraction, "seed": seed, "skipped_empty_docs": n_skipped},
-    )
-    storage.write_text_atomic(meta_path, meta.to_json())
+        if n_docs == 0:
+            raise ValueError(f"the source yielded no non-empty documents ({n_skipped} empty ones skipped)")
+        meta = Metadata(
+            dtype=dtype.str,
+            tokenizer=encoder.describe(),
+            splits={name: w.summary() for name, w in writers.items()},
+            source=source,
+            options={"val_fraction": val_fraction, "seed": seed, "skipped_empty_docs": n_skipped},
+        )
+        storage.write_text_atomic(storage.join(local, METADATA), meta.to_json())
     return meta

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from boomerang_jax.infra.storage import (
-    STAGING_ENV, PathLike, exists, is_remote, join, makedirs, remove, replace_dir, rmtree, split_url, upload_dir,
+    STAGING_ENV, PathLike, exists, is_remote, join, remove, replace_dir, rmtree, split_url, upload_dir,
 )
 
 
@@ -41,6 +43,39 @@ def refuse_replacing_inputs(dest: PathLike, inputs: Sequence[PathLike | None], *
         if is_remote(src) == is_remote(dest) and _inside(norm(src), out):
             raise error(f"{dest}: the output would replace the input {src} (it is, or contains, that input); "
                         "write to another directory")
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(dest: PathLike) -> list[Path]:
+    """Delete the hidden `.NAME.partial-*` / `.NAME.old-*` directories that killed exports to the local `dest`
+    left beside it (their process is gone; one of a live export on this host is kept) and say so on stderr."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    removed = []
+    for p in dest.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if not m or m["name"] != dest.name or not p.is_dir():
+            continue
+        if m["pid"] and int(m["pid"]) != os.getpid() and _alive(int(m["pid"])):
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"removed {p}: left by an interrupted export to {dest} ({size / 1e6:.1f} MB)", file=sys.stderr)
+        removed.append(p)
+    return removed
 
 
 class DirPublisher:
@@ -71,7 +106,8 @@ class DirPublisher:
         else:
             out = Path(dest)
             out.parent.mkdir(parents=True, exist_ok=True)
-            self.path = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+            remove_stale_siblings(out)
+            self.path = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.path.mkdir()
 
     def _clear_old(self) -> None:
@@ -113,19 +149,3 @@ def publish_dir(dest: PathLike, *, marker: str, overwrite: bool = False, last: S
     except BaseException:
         pub.abort()
         raise
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: PathLike) -> Iterator[str]:
-    """A local directory to write into; for a remote `out_dir`, uploaded there when the block exits cleanly."""
-    if not is_remote(out_dir):
-        makedirs(out_dir)
-        yield str(out_dir)
-        return
-    staging = os.environ.get(STAGING_ENV) or None
-    local = tempfile.mkdtemp(prefix="boomerang-stage-", dir=staging)
-    try:
-        yield local
-        upload_dir(local, out_dir)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)

@@ -210,8 +210,43 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: no hidden half-file left behind
+        raise
+    fsync_dir(p.parent)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make a rename or a new entry in the local directory `path` durable (a no-op where dirs cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: PathLike) -> None:
+    """fsync every file and directory under the local `path`, before a rename publishes it: a power cut right
+    after the rename must not leave a published directory of empty or half-written files."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -346,10 +381,13 @@ def local_copy(url: PathLike, *, dest: PathLike | None = None, include: Sequence
 def replace_dir(tmp: PathLike, out: PathLike) -> None:
     """Move the finished local `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
     tmp, out = Path(tmp), Path(out)
+    fsync_tree(tmp)
     if not out.exists():
         os.replace(tmp, out)
+        fsync_dir(out.parent)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
