@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     from boomerang_jax.commands.eval import add_eval_arguments, eval_command
     from boomerang_jax.commands.family import (
         add_interpolate_arguments,
+        add_materialise_arguments,
+        add_pick_arguments,
         add_prune_arguments,
         interpolate_command,
+        materialise_command,
+        pick_command,
         prune_command,
     )
     from boomerang_jax.commands.lm_eval import add_lm_eval_arguments, lm_eval_command
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from boomerang_jax.commands.demo import add_demo_arguments, demo_command
     from boomerang_jax.commands.model import add_export_arguments, add_info_arguments, export_command, info_command
+    from boomerang_jax.commands.upload import add_upload_arguments, upload_command
 
     for name, help_, add, func in [
         ("demo", "the main job, offline: distill the embedded SmolLM2-135M, evaluate its family", add_demo_arguments,
@@ -67,8 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
          add_teacher_text_arguments, teacher_text_command),
         ("prune", "write the (undistilled) student of a teacher for a layer plan, as an HF dir with its plan",
          add_prune_arguments, prune_command),
-        ("interpolate", "export the zero-shot family of sizes from a student and its teacher",
-         add_interpolate_arguments, interpolate_command),
+        ("interpolate", "export the zero-shot family of sizes from a student and its teacher (--compact: "
+         "store teacher + student only)", add_interpolate_arguments, interpolate_command),
+        ("materialise", "write one size of a family (any patched set) as a plain HF directory with its model card",
+         add_materialise_arguments, materialise_command),
+        ("pick", "choose the family size that fits a parameter or memory budget (the best one when results exist)",
+         add_pick_arguments, pick_command),
+        ("upload", "push a size or a family to the Hugging Face hub (--dry-run shows what goes where)",
+         add_upload_arguments, upload_command),
         ("eval", "perplexity of an HF dir, a whole family or a training checkpoint on text or prepared data",
          add_eval_arguments, eval_command),
         ("lm-eval", "run lm-evaluation-harness on every size of a family and add the scores to a CSV",

@@ -34,6 +34,7 @@ from boomerang_jax.hf.export import (
 from boomerang_jax.hf.load import np_dtype
 from boomerang_jax.infra import publish, storage
 from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.surgery.model_card import README, size_card, teacher_facts
 from boomerang_jax.surgery.plan import (
     STUDENT,
     TEACHER,
@@ -214,6 +215,51 @@ def parse_sizes(spec: str, plan: LayerPlan, order: Order) -> list[int]:
     return sorted(ks)
 
 
+def family_head(student: TensorSource, teacher: TensorSource, plan: LayerPlan, order: Order, dt: np.dtype,
+                card: dict[str, str] | None = None) -> dict[str, Any]:
+    """family.json without its sizes: format, order (name and sequence), inputs, dtype, plan, teacher facts."""
+    return {"format": FAMILY_FORMAT, "version": FAMILY_VERSION, "order": order_name(order),
+            "patch_order": list(patch_sequence(plan, order)), "student": student.where, "teacher": teacher.where,
+            "dtype": str(dt), "plan": plan.to_dict(),
+            "card": card if card is not None else teacher_facts(teacher.where, teacher.hf_config)}
+
+
+def check_pair(student: TensorSource, teacher: TensorSource, plan: LayerPlan | None, order: Order) -> LayerPlan:
+    """The plan (default: the student's own), checked against both models and `order`."""
+    plan = plan or student.plan
+    if plan is None:
+        raise FamilyError(f"{student.where}: no layer plan ({PLAN_FILE} missing); pass one (--plan)")
+    check_compatible(student.config, teacher.config, plan)
+    try:
+        patch_sequence(plan, order)
+    except SurgeryError as e:
+        raise FamilyError(str(e)) from None
+    return plan
+
+
+def write_size(dest: str | os.PathLike, plan: LayerPlan, patched: Iterable[int], sources: dict[str, TensorSource],
+               family: dict[str, Any], *, k: int | None, name: str, dtype: np.dtype,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, made_by: str | None = None,
+               evaluation: dict[str, Any] | None = None, note: str | None = None) -> dict[str, Any]:
+    """Write one size (any patched set) as an HF directory at `dest`, streaming each tensor from the source the
+    layout names, with its boomerang_size.json and model card; returns its family.json record. The one writer
+    of sizes: the family export, `materialise` and `pick` all go through it."""
+    student, teacher = sources[STUDENT], sources[TEACHER]
+    lay = layout(plan, patched, student_tied=student.config.tie_word_embeddings,
+                 teacher_tied=teacher.config.tie_word_embeddings)
+    config = interpolated_config(student.config, teacher.config, lay)
+    base = sources[lay.embedding]
+    other = sources[TEACHER if lay.embedding == STUDENT else STUDENT]
+    entry = size_entry(lay, config, k, name)
+    card = size_card(entry, family, made_by=made_by, evaluation=evaluation, note=note)
+    save_hf(dest, config, get=layout_getter(lay, sources), hf_config=base.hf_config,
+            tokenizer_files=base.tokenizer_files or other.tokenizer_files, generation_config=base.generation_config,
+            dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+            extra_files={SIZE_FILE: (to_json({"order": family["order"], **entry}) + "\n").encode(),
+                         README: card.encode()})
+    return entry
+
+
 def export_family(
     student: TensorSource,
     teacher: TensorSource,
@@ -226,59 +272,46 @@ def export_family(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     log: Callable[[str], None] | None = None,
+    made_by: str | None = None,
+    card: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write sizes `ks` (default: all) of `order` under `out_dir`, one HF directory each, plus family.json.
+    """Write sizes `ks` (default: all) of `order` under `out_dir`, one HF directory each (with its model card),
+    plus family.json.
 
     `order` is a named order (ORDERS) or an explicit sequence of the plan's multi-layer blocks; family.json
-    records it as `order` (the name, or "custom") and `patch_order` (the sequence).
+    records it as `order` (the name, or "custom") and `patch_order` (the sequence). `made_by` (the command
+    line) and `card` (the teacher's base_model / license; default: `teacher_facts`) go into the model cards.
 
     Returns the family.json content. `plan` defaults to the student's own (from its boomerang_plan.json).
     `out_dir` may be local or `gs://` (see the module docstring for what a failure leaves behind).
     """
     if not overwrite and publish.occupied(out_dir, FAMILY_FILE):  # fail before any work
         raise FamilyError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
-    plan = plan or student.plan
-    if plan is None:
-        raise FamilyError(f"{student.where}: no layer plan ({PLAN_FILE} missing); pass one (--plan)")
-    check_compatible(student.config, teacher.config, plan)
-    try:
-        sequence = list(patch_sequence(plan, order))
-    except SurgeryError as e:
-        raise FamilyError(str(e)) from None
-    name_of_order = order_name(order)
+    plan = check_pair(student, teacher, plan, order)
     steps = num_steps(plan)
     ks = list(range(steps + 1)) if ks is None else sorted(set(ks))
     for k in ks:
         patched_for(plan, order, k)  # validates k before any work
     dt = resolve_dtype(dtype, student, teacher)
     sources = {STUDENT: student, TEACHER: teacher}
+    family = family_head(student, teacher, plan, order, dt, card)
     with publish.publish_dir(out_dir, marker=FAMILY_FILE, overwrite=overwrite, last=COMMIT_ORDER,
                              error=FamilyError) as pub:
         tmp = pub.path
         sizes = []
         for k in ks:
             t0 = time.perf_counter()
-            lay = layout(plan, patched_for(plan, order, k), student_tied=student.config.tie_word_embeddings,
-                         teacher_tied=teacher.config.tie_word_embeddings)
-            config = interpolated_config(student.config, teacher.config, lay)
-            base = sources[lay.embedding]
-            other = sources[TEACHER if lay.embedding == STUDENT else STUDENT]
-            name = size_name(k, lay.num_layers, len(str(steps)))
-            entry = size_entry(lay, config, k, name)
-            save_hf(tmp / name, config, get=layout_getter(lay, sources), hf_config=base.hf_config,
-                    tokenizer_files=base.tokenizer_files or other.tokenizer_files,
-                    generation_config=base.generation_config, dtype=dt, max_shard_bytes=max_shard_bytes,
-                    extra_files={SIZE_FILE: (to_json({"order": name_of_order, **entry}) + "\n").encode()})
+            patched = patched_for(plan, order, k)
+            name = size_name(k, plan.num_layers(patched), len(str(steps)))
+            entry = write_size(tmp / name, plan, patched, sources, family, k=k, name=name, dtype=dt,
+                               max_shard_bytes=max_shard_bytes, made_by=made_by)
             pub.flush(name)  # on a bucket: upload this size now, so local disk holds one size at a time
             sizes.append(entry)
             if log:
-                log(f"k={k:>{len(str(steps))}} {lay.num_layers:>3} layers  {entry['params']['total'] / 1e6:9.2f}M "
-                    f"params  embedding {lay.embedding}, head {lay.head}  -> {name} "
+                log(f"k={k:>{len(str(steps))}} {entry['num_layers']:>3} layers  "
+                    f"{entry['params']['total'] / 1e6:9.2f}M "
+                    f"params  embedding {entry['embedding']}, head {entry['head']}  -> {name} "
                     f"({time.perf_counter() - t0:.1f}s)")
-        family = {
-            "format": FAMILY_FORMAT, "version": FAMILY_VERSION, "order": name_of_order, "patch_order": sequence,
-            "student": student.where, "teacher": teacher.where, "dtype": str(dt), "plan": plan.to_dict(),
-            "sizes": sizes,
-        }
+        family["sizes"] = sizes
         (tmp / FAMILY_FILE).write_text(to_json(family) + "\n")
     return family

@@ -1,0 +1,266 @@
+"""The family as a product: a compact family (teacher + student), any size materialised on demand (files and
+logits equal to the full export's), sizes in memory (JAX params, a standard transformers model), picking a size
+for a budget, model cards, and the upload plan."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM
+
+from boomerang_jax import cli
+from boomerang_jax.commands import family as fam_cli
+from boomerang_jax.hf.export import save_hf
+from boomerang_jax.hf.load import load_hf
+from boomerang_jax.hf.verify import verify_export
+from boomerang_jax.surgery import LayerPlan, Model, interpolate, patched_for, prune
+from boomerang_jax.surgery import compact as cf
+from boomerang_jax.surgery import family_export as fam
+from boomerang_jax.surgery import pick as picking
+from boomerang_jax.surgery.model_card import front_matter
+from tests.conftest import EIGHT_LAYER_CONFIGS, build_hf_model, torch_logits
+
+PLAN = LayerPlan.from_knobs(8)  # blocks {0,1},{2,3},{4,5},{6},{7}: sizes 5, 6, 7, 8 layers
+TOKENS = np.random.RandomState(0).randint(0, 64, (2, 7))
+NAMES = ("llama-tied", "qwen3-untied")
+
+
+def files_of(path):
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """name -> (root, student Model, teacher Model): teacher + perturbed pruned student, exported as a full
+    family (every size, last-to-first) and as a compact one, under root/full and root/compact."""
+    out = {}
+    for name in NAMES:
+        root = tmp_path_factory.mktemp(name)
+        build_hf_model(EIGHT_LAYER_CONFIGS[name], seed=3).save_pretrained(root / "teacher")
+        (root / "teacher" / "README.md").write_text("---\nlicense: mit\ntags:\n- x\n---\n# teacher\n")
+        t = load_hf(root / "teacher", to_device=False)
+        s_config, s_params = prune(t.params, t.config, PLAN)
+        rng = np.random.RandomState(1)
+        s_params = jax.tree.map(lambda x, r=rng: np.asarray(x) + 0.05 * r.standard_normal(x.shape).astype(x.dtype),
+                                s_params)
+        save_hf(root / "student", s_config, s_params, hf_config=t.hf_config, extra_files=fam.plan_files(PLAN))
+        student, teacher = fam_cli.open_source(root / "student"), fam_cli.open_source(root / "teacher")
+        fam.export_family(student, teacher, root / "full")
+        cf.export_compact_family(student, teacher, root / "compact")
+        out[name] = (root, Model(s_config, s_params), Model(t.config, t.params))
+    return out
+
+
+# ------------------------------------------------------------------------------------ compact + materialise
+@pytest.mark.parametrize("name", NAMES)
+def test_compact_family_stores_teacher_and_student_once_and_lists_every_size(families, name):
+    root, _, _ = families[name]
+    full = json.loads((root / "full" / "family.json").read_text())
+    compact = json.loads((root / "compact" / "family.json").read_text())
+    assert sorted(p.name for p in (root / "compact").iterdir()) == ["README.md", "family.json", "student", "teacher"]
+    assert compact["compact"] is True and compact["stored"] == {"student": "student", "teacher": "teacher"}
+    assert compact["sizes"] == full["sizes"] and compact["patch_order"] == full["patch_order"]
+    assert compact["plan"] == PLAN.to_dict()
+    assert (root / "compact" / "student" / "boomerang_plan.json").exists()
+    full_bytes = sum((root / "full" / f).stat().st_size for f in files_of(root / "full"))
+    compact_bytes = sum((root / "compact" / f).stat().st_size for f in files_of(root / "compact"))
+    assert compact_bytes < 0.6 * full_bytes  # 4 sizes (5+6+7+8 layers) vs 5 + 8 layers
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_size_materialised_from_the_compact_family_equals_the_full_export_file_for_file(families, name,
+                                                                                              tmp_path):
+    root, _, _ = families[name]
+    full = json.loads((root / "full" / "family.json").read_text())
+    for size in full["sizes"]:
+        out = tmp_path / size["dir"]
+        entry = cf.materialise_size(root / "compact", out, size["patched"])
+        assert entry == size
+        want = root / "full" / size["dir"]
+        assert files_of(out) == files_of(want)
+        for f in files_of(want):
+            assert (out / f).read_bytes() == (want / f).read_bytes(), f
+        got = torch_logits(AutoModelForCausalLM.from_pretrained(out).eval(), TOKENS)
+        ref = torch_logits(AutoModelForCausalLM.from_pretrained(want).eval(), TOKENS)
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sizes_in_memory_equal_the_full_export_as_jax_params_and_as_a_transformers_model(families, name):
+    root, _, _ = families[name]
+    for source in ("compact", "full"):
+        for k in (1, 2):
+            size = json.loads((root / "full" / "family.json").read_text())["sizes"][k]
+            model = cf.build_size(root / source, k=k)
+            reloaded = load_hf(root / "full" / size["dir"], to_device=False)
+            assert model.config == reloaded.config
+            for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(reloaded.params)):
+                np.testing.assert_array_equal(a, b)
+            hf = cf.to_transformers(model)
+            assert type(hf).__name__ == json.loads((root / "full" / size["dir"] / "config.json").read_text())[
+                "architectures"][0]
+            ref = AutoModelForCausalLM.from_pretrained(root / "full" / size["dir"]).eval()
+            np.testing.assert_array_equal(torch_logits(hf, TOKENS), torch_logits(ref, TOKENS))
+
+
+def test_any_patched_set_materialises_from_a_full_family_and_equals_in_memory_interpolation(families, tmp_path):
+    root, student, teacher = families["llama-tied"]
+    assert cf.open_family(root / "full").step_of(frozenset({0})) is None  # not a last-to-first step
+    assert cli.main(["materialise", str(root / "full"), "--patched", "0", "--out", str(tmp_path / "p")]) == 0
+    expected = interpolate(student, teacher, PLAN, {0})
+    got = load_hf(tmp_path / "p", to_device=False)
+    assert got.config == expected.config
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    record = json.loads((tmp_path / "p" / fam.SIZE_FILE).read_text())
+    assert record["dir"] == "p0-6L" and record["k"] is None and record["patched"] == [0]
+    assert verify_export(tmp_path / "p", num_sequences=1, seq_len=8).ok
+
+
+def test_interpolate_compact_then_materialise_layers_on_the_command_line(families, tmp_path, capsys):
+    root, _, _ = families["qwen3-untied"]
+    assert cli.main(["interpolate", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
+                     "--compact", "--out", str(tmp_path / "fam")]) == 0
+    assert cli.main(["materialise", str(tmp_path / "fam"), "--layers", "7", "--out", str(tmp_path / "7L")]) == 0
+    full = root / "full" / "k2-7L"
+    assert (tmp_path / "7L" / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    card = (tmp_path / "7L" / "README.md").read_text()
+    assert "`boomerang materialise " in card and "--layers 7" in card
+    assert verify_export(tmp_path / "7L", num_sequences=1, seq_len=8).ok
+    # errors: exit 2 with a one-line message naming the value
+    assert cli.main(["materialise", str(tmp_path / "fam"), "--layers", "99", "--out", str(tmp_path / "x")]) == 2
+    assert "no size of the family's order has 99 layers (sizes: 5, 6, 7, 8)" in capsys.readouterr().err
+    assert cli.main(["materialise", str(tmp_path / "fam"), "--k", "1", "--out", str(tmp_path / "fam")]) == 2
+    assert cli.main(["interpolate", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
+                     "--compact", "--sizes", "k=1", "--out", str(tmp_path / "fam2")]) == 2
+
+
+def test_a_full_family_without_its_student_and_teacher_sizes_cannot_build_others(families, tmp_path):
+    root, _, _ = families["llama-tied"]
+    s, t = fam_cli.open_source(root / "student"), fam_cli.open_source(root / "teacher")
+    fam.export_family(s, t, tmp_path / "part", ks=[1, 2])
+    with pytest.raises(fam.FamilyError, match=r"needs its student \(k=0\) and teacher \(k=3\) sizes.*k1-6L, k2-7L"):
+        cf.open_family(tmp_path / "part")
+
+
+def test_compact_family_on_a_bucket_materialises_like_a_local_one(families, bucket, tmp_path):
+    root, _, _ = families["qwen3-untied"]
+    s, t = fam_cli.open_source(root / "student"), fam_cli.open_source(root / "teacher")
+    cf.export_compact_family(s, t, f"{bucket}/fam")
+    cf.materialise_size(f"{bucket}/fam", tmp_path / "k1", patched_for(PLAN, "last-to-first", 1))
+    want = root / "full" / "k1-6L" / "model.safetensors"
+    assert (tmp_path / "k1" / "model.safetensors").read_bytes() == want.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- cards
+def test_every_exported_size_has_a_model_card_with_hub_front_matter(families):
+    root, _, _ = families["llama-tied"]
+    family = json.loads((root / "full" / "family.json").read_text())
+    for size in family["sizes"]:
+        card = (root / "full" / size["dir"] / "README.md").read_text()
+        meta = front_matter(card)
+        assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+        assert meta["license"] == "mit"  # from the teacher's own card
+        assert "- boomerang-distillation" in card and "arXiv:2510.05064" in card
+        assert f"{size['params']['total']:,}" in card and str(family["patch_order"]) in card
+    k1 = (root / "full" / family["sizes"][1]["dir"] / "README.md").read_text()
+    assert "- layers 0-1: student layers 0-1\n- layers 2-5: teacher layers 4-7\n" in k1
+    assert "Patched student layers: [2, 3, 4]; 2 -> teacher 4-5; 3 -> teacher 6; 4 -> teacher 7" in k1
+
+
+def test_teacher_facts_base_model_and_license_from_hub_id_and_overrides(tmp_path):
+    from boomerang_jax.surgery.model_card import teacher_facts
+
+    assert teacher_facts("Qwen/Qwen3-4B-Base") == {"base_model": "Qwen/Qwen3-4B-Base"}
+    assert teacher_facts("smollm2-135m")["license"] == "apache-2.0"
+    assert teacher_facts(str(tmp_path), {"_name_or_path": "org/m"}, license="mit") == {"base_model": "org/m",
+                                                                                       "license": "mit"}
+
+
+# ----------------------------------------------------------------------------------------------- pick
+def write_results(path, rows):
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_pick_by_params_takes_the_largest_size_that_fits_without_results(families, capsys):
+    root, _, _ = families["qwen3-untied"]
+    sizes = json.loads((root / "compact" / "family.json").read_text())["sizes"]
+    limit = sizes[2]["params"]["total"]  # exactly the third size
+    assert cli.main(["pick", str(root / "compact"), "--max-params", str(limit)]) == 0
+    out = capsys.readouterr().out
+    assert f"picked {sizes[2]['dir']}" in out and "the largest size that fits" in out
+    assert cli.main(["pick", str(root / "compact"), "--max-params", "1k"]) == 2
+    assert "no size fits 0.001M parameters" in capsys.readouterr().err
+
+
+def test_pick_by_memory_counts_weights_and_kv_cache_and_prefers_the_best_score(families, tmp_path, capsys):
+    root, _, teacher = families["llama-tied"]
+    sizes = json.loads((root / "compact" / "family.json").read_text())["sizes"]
+    c = teacher.config
+    mem = [s["params"]["total"] * 2 + 2 * s["num_layers"] * c.num_kv_heads * c.head_dim * 256 * 2 * 2 for s in sizes]
+    budget = picking.Budget("memory", mem[2], "bfloat16", 256, 2)
+    assert [picking.memory_bytes(s, c, budget) for s in sizes] == mem
+    # perplexity rows as `boomerang eval --json-out` writes them: the 6-layer size beats the 7-layer one
+    res = write_results(tmp_path / "eval.json", [{"model": f"x/{s['dir']}", "num_layers": s["num_layers"],
+                                                  "perplexity": p} for s, p in zip(sizes, [40.0, 20.0, 30.0, 10.0])])
+    gb = mem[2] / 1e9
+    assert cli.main(["pick", str(root / "compact"), "--max-memory-gb", f"{gb:.12f}", "--dtype", "bf16",
+                     "--context", "256", "--batch", "2", "--results", res, "--out", str(tmp_path / "picked")]) == 0
+    out = capsys.readouterr().out
+    assert f"picked {sizes[1]['dir']}" in out and "best perplexity (20" in out and "3 of 4 sizes fit" in out
+    card = (tmp_path / "picked" / "README.md").read_text()
+    assert "Picked by `boomerang pick`" in card and "| 20 |" in card
+    assert json.loads((tmp_path / "picked" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_pick_reads_the_demo_results_csv_and_lm_eval_csv(families, tmp_path):
+    root, _, _ = families["llama-tied"]
+    sizes = json.loads((root / "compact" / "family.json").read_text())["sizes"]
+    demo = tmp_path / "results.csv"
+    demo.write_text("dir,k,num_layers,params,non_embedding_params,boomerang/perplexity,shortgpt/perplexity\n"
+                    + "".join(f"{s['dir']},{s['k']},{s['num_layers']},1,1,{50 - s['k']},1\n" for s in sizes))
+    scores = picking.read_scores(demo, sizes)
+    assert scores.metric == "boomerang/perplexity" and not scores.higher_is_better
+    assert scores.by_dir == {s["dir"]: 50.0 - s["k"] for s in sizes}
+    lm = tmp_path / "lm_eval.csv"
+    lm.write_text("dir,num_layers,params,arc/acc,arc/acc_stderr,piqa/acc\n"
+                  + "".join(f"{s['dir']},{s['num_layers']},1,0.{s['k']},0.9,0.5\n" for s in sizes))
+    scores = picking.read_scores(lm, sizes)
+    assert scores.metric == "mean-acc" and scores.higher_is_better
+    assert scores.by_dir[sizes[2]["dir"]] == pytest.approx((0.2 + 0.5) / 2)
+    assert picking.parse_count("1.5B") == 1_500_000_000 and picking.parse_count("80M") == 80_000_000
+
+
+# --------------------------------------------------------------------------------------------- upload
+def test_upload_dry_run_lists_exactly_which_files_go_to_which_repo(families, capsys):
+    root, _, _ = families["llama-tied"]
+    assert cli.main(["upload", str(root / "full"), "--repo", "org/fam", "--dry-run"]) == 0
+    plans = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    size_files = ["README.md", "boomerang_size.json", "config.json", "generation_config.json", "model.safetensors"]
+    assert [(p["repo"], p["files"]) for p in plans] == [(f"org/fam-{n}L", size_files) for n in (5, 6, 7, 8)]
+    assert cli.main(["upload", str(root / "compact"), "--repo", "org/fam", "--dry-run", "--private"]) == 0
+    [plan] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert plan["repo"] == "org/fam" and plan["private"] is True
+    assert plan["files"] == ["README.md", "family.json"] + [f"student/{f}" for f in (
+        "boomerang_plan.json", "config.json", "generation_config.json", "model.safetensors")] + [
+        f"teacher/{f}" for f in ("config.json", "generation_config.json", "model.safetensors")]
+
+
+def test_upload_without_a_token_is_a_clear_error_before_any_network(families, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    root, _, _ = families["llama-tied"]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "stored_tokens"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda *a, **k: pytest.fail("reached the hub"))
+    assert cli.main(["upload", str(root / "full" / "k1-6L"), "--repo", "org/m"]) == 2
+    assert "no Hugging Face token configured: set HF_TOKEN" in capsys.readouterr().err
+    assert cli.main(["upload", str(root), "--repo", "org/m", "--dry-run"]) == 2
+    assert cli.main(["upload", str(root / "full"), "--repo", "bad", "--dry-run"]) == 2
