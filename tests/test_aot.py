@@ -129,6 +129,7 @@ def test_compiled_train_step_arguments_are_exactly_the_sharded_state_teacher_and
     assert donated <= train.alias <= 1.02 * donated, (train.alias, donated)
     assert train.temp > 0 and report.fits and report.margin > 0.99
     assert report.mesh == sizes and report.libtpu_name == "v5e:2x2"
+    assert report.attention == "splash"  # attention=auto, the default: splash for TPU devices, even on a CPU host
     assert report.estimate is not None and report.estimate.total > 0
     text = report.table()
     assert "train step" in text and "eval step" in text and "fits" in text
@@ -151,8 +152,9 @@ def test_the_train_step_compiles_with_splash_attention_on_a_tpu_mesh():
 
 def test_a_run_that_needs_more_than_the_chips_hbm_is_reported_as_not_fitting():
     # attention scores alone: 16 rows x 8 heads x 8192^2 float32 = 32 GiB per device on a 16 GiB v5e chip
-    shape = tiny_shape(batch=64, seq=8192, micro=1, remat="none")
+    shape = tiny_shape(batch=64, seq=8192, micro=1, remat="none", attention="xla")  # the scores are xla's
     report = compile_run(shape, "v5e-4", "data=-1", programs=("train step",))
+    assert report.attention == "xla"
     assert not report.fits and report.peak.total > 16 * GIB
     assert "DOES NOT FIT" in report.verdict() and "train.micro_batches" in report.verdict()
 

@@ -138,6 +138,7 @@ def test_tiny_model_splash_equals_xla_logits_and_loss_and_lowers_with_every_rema
 # ----------------------------------------------------------------------------------- choice and config
 def test_resolve_auto_is_xla_on_cpu_and_splash_errors_name_t() -> None:
     assert attention.resolve("auto", 256, 128) == "xla"
+    assert attention.resolve(ModelConfig.attention, 256, 128) == "xla"  # the default, here
     assert attention.resolve("splash", 256, 128) == "splash"
     assert attention.splash_block(2048, 128) == 512 and attention.splash_block(384, 64) == 128
     assert attention.splash_block(1024, 256) == 256
@@ -149,7 +150,7 @@ def test_resolve_auto_is_xla_on_cpu_and_splash_errors_name_t() -> None:
 
 def test_attention_config_field_validated_not_exported_not_architecture() -> None:
     cfg = ModelConfig.from_hf(TINY_CONFIGS["qwen3-gqa2-tied"])
-    assert cfg.attention == "xla"
+    assert cfg.attention == "auto"  # the default: xla on this CPU (see the test above), splash on TPU
     with pytest.raises(ConfigError, match="attention='flash'"):
         cfg.replace(attention="flash")
     splash = cfg.replace(attention="splash")
@@ -157,6 +158,30 @@ def test_attention_config_field_validated_not_exported_not_architecture() -> Non
     assert dataclasses.replace(cfg, attention="auto").attention == "auto"
     identity = LayerPlan.from_kept(cfg.num_layers, range(cfg.num_layers))
     check_compatible(splash, cfg, identity)  # students and teachers may differ in how they compute attention
+
+
+def test_auto_is_splash_for_tpu_topology_devices_and_xla_for_cpu_devices() -> None:
+    """What `auto` resolves to, from the devices alone (no compile): libtpu's v5p-8 devices on this CPU host are
+    TPUs, so a run compiled for that slice gets splash; this host's CPU devices get xla."""
+    aot = pytest.importorskip("boomerang_jax.pod.aot")
+    try:
+        tpu = aot.topology_devices("v5p-8")
+    except aot.CompileError as e:
+        pytest.skip(str(e))
+    from boomerang_jax.infra.parallel import make_mesh
+
+    cpu = jax.devices()
+    assert attention.on_tpu(tpu) and not attention.on_tpu(cpu)
+    assert attention.resolve_on(tpu, "auto", 2048, 128) == "splash"
+    assert attention.resolve_on(tpu, "auto", 2000, 128) == "xla"  # T fits no block: auto falls back
+    assert attention.resolve_on(tpu, "xla", 2048, 128) == "xla"  # train.attention=xla is kept
+    assert attention.resolve_on(cpu, "auto", 2048, 128) == "xla"
+    mesh = make_mesh("data=-1", tpu)
+    assert attention.on_tpu(mesh)
+    with jax.set_mesh(mesh):  # how the Distiller traces for a TPU mesh: the forward's own resolve agrees
+        assert attention.resolve("auto", 2048, 128) == "splash"
+    with jax.set_mesh(make_mesh("data=-1", cpu[:1])):
+        assert attention.resolve("auto", 2048, 128) == "xla"
 
 
 # ------------------------------------------------------------------------------------- TPU, ahead of time
@@ -209,7 +234,9 @@ def test_train_attention_sets_both_models_of_the_step() -> None:
     mesh = make_mesh("data=1", jax.devices()[:1])
     d = Distiller(student, cfg, plan, mesh, TrainConfig(attention="splash"))
     assert d.student_config.attention == d.teacher_config.attention == "splash"
-    assert Distiller(student, cfg, plan, mesh, TrainConfig()).student_config.attention == "xla"
+    assert Distiller(student, cfg, plan, mesh, TrainConfig()).student_config.attention == "auto"
+    xla = Distiller(student, cfg, plan, mesh, TrainConfig(attention="xla"))
+    assert xla.student_config.attention == xla.teacher_config.attention == "xla"
     with pytest.raises(ValueError, match="attention 'flash'"):
         TrainConfig(attention="flash")
 

@@ -1,5 +1,6 @@
 """The one attention entry point: `xla` (einsum over an explicit mask, the exact reference) or `splash` (Pallas TPU
-splash attention with packed segment ids), chosen by `ModelConfig.attention`; `auto` is splash on TPU, xla elsewhere.
+splash attention with packed segment ids), chosen by `ModelConfig.attention`; `auto` (the default) is splash on TPU,
+xla elsewhere: on a CPU or GPU it is exactly the xla path.
 
 Both compute softmax(q k^T / sqrt(head_dim)) v, causal and within a segment; padding (segment id 0) is one more
 segment, so every query row sees at least itself (the diagonal) and no softmax is empty. Splash never materialises
@@ -47,6 +48,13 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------- choice
+def on_tpu(devices: Any) -> bool:
+    """Whether `devices` (a Mesh, or a sequence of devices: also the TPU devices libtpu describes for an
+    ahead-of-time compile on a CPU host) are all TPUs: where `auto` means splash."""
+    devices = list(devices.devices.flat) if isinstance(devices, jax.sharding.Mesh) else list(devices)
+    return bool(devices) and all(getattr(d, "platform", None) == "tpu" for d in devices)
+
+
 def _splash_runs_here() -> bool:
     """Whether `auto` may pick splash: the context mesh (`jax.set_mesh`; also an ahead-of-time TPU mesh on a CPU
     host) is of TPUs, or there is no context mesh and the default backend is a single TPU. Several TPUs without a
@@ -55,6 +63,20 @@ def _splash_runs_here() -> bool:
     if not mesh.empty:
         return getattr(mesh.abstract_device, "platform", None) == "tpu"
     return jax.default_backend() == "tpu" and jax.device_count() == 1
+
+
+def resolve_on(devices: Any, implementation: str, seq_len: int, head_dim: int) -> str:
+    """`resolve` as it runs under a mesh of `devices` (see `on_tpu`), without tracing anything: `auto` is splash
+    when they are TPUs and T fits a block, else xla. What `boomerang compile` reports for a TPU topology."""
+    if implementation == "auto" and not on_tpu(devices):
+        return "xla"
+    if implementation != "auto":
+        return resolve(implementation, seq_len, head_dim)
+    try:
+        splash_block(seq_len, head_dim)
+    except AttentionError:
+        return "xla"
+    return "splash"
 
 
 def splash_block(seq_len: int, head_dim: int) -> int:

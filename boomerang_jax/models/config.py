@@ -67,8 +67,8 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     # Attention implementation (see ATTENTION_IMPLEMENTATIONS); the same math either way, so students and teachers
-    # may differ in it and the HF export never writes it.
-    attention: str = "xla"
+    # may differ in it and the HF export never writes it. auto: splash on TPU, exactly xla on CPU and GPU.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -162,6 +162,8 @@ def _require(hf: dict[str, Any], key: str, source: str) -> Any:
 
 
 def _from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object (an HF model config), got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(

@@ -12,7 +12,8 @@ parameters as ShapeDtypeStructs (nothing allocated, no weights read), the three 
 XLA's memory analysis of each compiled program is the per-device memory that chip would need: arguments,
 outputs, temporaries, minus what donation aliases. The largest program decides whether the run fits the chip's
 HBM; `planning.estimate_memory`'s estimate is printed next to it. A run that does not fit is reported before any
-TPU is paid for (non-zero exit from the CLI).
+TPU is paid for (non-zero exit from the CLI). Attention is what the run would use on the slice: `auto` (the
+default) is splash for these TPU devices (`train.attention=xla` compiles the einsum path instead).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from boomerang_jax.distill.config import RunConfig
 from boomerang_jax.distill.hybrid import hybrid_arrays
 from boomerang_jax.distill.step import Distiller
 from boomerang_jax.distill.train import check_batch_config
+from boomerang_jax.models.attention import resolve_on
 from boomerang_jax.models.nll import row_nll
 from boomerang_jax.infra import parallel
 from boomerang_jax.infra.topology import GIB, Topology, parse_topology
@@ -152,6 +154,7 @@ class CompileReport:
     programs: list[ProgramMemory]
     estimate: MemoryEstimate | None  # plan-memory's figures for the same run
     describe: str = ""
+    attention: str = ""  # the attention the programs were compiled with (resolved: xla or splash)
 
     @property
     def hbm(self) -> int:
@@ -184,7 +187,8 @@ class CompileReport:
     def table(self) -> str:
         slices = f" x {self.topology.slices} slices" if self.topology.slices > 1 else ""
         lines = [f"{self.topology.describe()} (libtpu {self.libtpu_name}{slices}); mesh "
-                 + ", ".join(f"{k}={v}" for k, v in self.mesh.items())]
+                 + ", ".join(f"{k}={v}" for k, v in self.mesh.items())
+                 + (f"; attention {self.attention}" if self.attention else "")]
         if self.describe:
             lines.append(self.describe)
         lines.append(f"  {'per device, GiB':<18}{'arguments':>10}{'outputs':>9}{'aliased':>9}{'temps':>9}"
@@ -202,7 +206,7 @@ class CompileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"topology": self.topology.name, "libtpu_topology": self.libtpu_name, "slices": self.topology.slices,
-                "mesh": self.mesh, "hbm": self.hbm, "programs": [p.to_dict() for p in self.programs],
+                "mesh": self.mesh, "attention": self.attention, "hbm": self.hbm, "programs": [p.to_dict() for p in self.programs],
                 "peak_program": self.peak.name, "peak": self.peak.total, "fits": self.fits, "margin": self.margin,
                 "plan_memory": None if self.estimate is None else self.estimate.total}
 
@@ -292,7 +296,8 @@ def compile_run(shape: RunShape, topology: Topology | str, mesh: Any, *, eval_ba
         estimate = estimate_memory(shape, topo, mesh)
     except Exception:  # the estimate is informative only
         estimate = None
-    return CompileReport(topo, libtpu_topology_name(topo), sizes, out, estimate, describe_run(shape))
+    used = sorted({resolve_on(devices, c.attention, seq, c.head_dim) for c in (d.student_config, d.teacher_config)})
+    return CompileReport(topo, libtpu_topology_name(topo), sizes, out, estimate, describe_run(shape), "/".join(used))
 
 
 def compile_config(cfg: RunConfig, topology: Topology | str, **kwargs: Any) -> CompileReport:
