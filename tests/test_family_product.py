@@ -264,3 +264,20 @@ def test_upload_without_a_token_is_a_clear_error_before_any_network(families, tm
     assert "no Hugging Face token configured: set HF_TOKEN" in capsys.readouterr().err
     assert cli.main(["upload", str(root), "--repo", "org/m", "--dry-run"]) == 2
     assert cli.main(["upload", str(root / "full"), "--repo", "bad", "--dry-run"]) == 2
+
+
+def test_pick_finds_the_demo_run_results_beside_its_family_and_ranks_by_them(families, tmp_path, capsys):
+    root, _, _ = families["llama-tied"]
+    run = tmp_path / "run"
+    assert cli.main(["interpolate", "--student", str(root / "student"), "--teacher", str(root / "teacher"),
+                     "--compact", "--out", str(run / "family")]) == 0
+    sizes = json.loads((run / "family" / "family.json").read_text())["sizes"]
+    (run / "eval.jsonl").write_text("")  # what marks a demo run directory
+    (run / "results.csv").write_text("dir,k,num_layers,params,non_embedding_params,boomerang/perplexity\n" + "".join(
+        f"{s['dir']},{s['k']},{s['num_layers']},1,1,{p}\n" for s, p in zip(sizes, [9.0, 3.0, 5.0, 1.0])))
+    capsys.readouterr()
+    assert cli.main(["pick", str(run / "family"), "--max-memory-gb", "1"]) == 0  # every size fits
+    out = capsys.readouterr().out
+    assert f"picked {sizes[3]['dir']}" in out and f"scores from {run / 'results.csv'}" in out
+    assert cli.main(["pick", str(run / "family"), "--max-params", str(sizes[2]["params"]["total"])]) == 0
+    assert f"picked {sizes[1]['dir']}" in capsys.readouterr().out  # 3.0 beats 5.0 and 9.0 under the budget
