@@ -192,7 +192,7 @@ def test_pick_by_params_takes_the_largest_size_that_fits_without_results(familie
     limit = sizes[2]["params"]["total"]  # exactly the third size
     assert cli.main(["pick", str(root / "compact"), "--max-params", str(limit)]) == 0
     out = capsys.readouterr().out
-    assert f"picked {sizes[2]['dir']}" in out and "the largest size that fits" in out
+    assert f"picked {sizes[2]['dir']}" in out and "the deepest size that fits" in out
     assert cli.main(["pick", str(root / "compact"), "--max-params", "1k"]) == 2
     assert "no size fits 0.001M parameters" in capsys.readouterr().err
 
@@ -281,3 +281,12 @@ def test_pick_finds_the_demo_run_results_beside_its_family_and_ranks_by_them(fam
     assert f"picked {sizes[3]['dir']}" in out and f"scores from {run / 'results.csv'}" in out
     assert cli.main(["pick", str(run / "family"), "--max-params", str(sizes[2]["params"]["total"])]) == 0
     assert f"picked {sizes[1]['dir']}" in capsys.readouterr().out  # 3.0 beats 5.0 and 9.0 under the budget
+
+
+
+def test_without_results_pick_prefers_depth_so_a_tied_teacher_beats_larger_untied_sizes(families):
+    _, _, teacher = families["llama-tied"]
+    untied = {"dir": "k13-29L", "num_layers": 29, "params": {"total": 159, "non_embedding": 102, "embedding": 57}}
+    tied = {"dir": "k14-30L", "num_layers": 30, "params": {"total": 134, "non_embedding": 106, "embedding": 28}}
+    choice = picking.pick([untied, tied], teacher.config, picking.Budget("params", 200), None)
+    assert choice.entry is tied and "the deepest size that fits" in choice.why

@@ -8,7 +8,7 @@ Scores come from evaluation files already written by the project, matched to siz
 layer count when the row has one): `boomerang eval --json-out` (rows with `model` = the size's path and
 `perplexity`), the demo's `results.csv` (`dir`, `boomerang/perplexity`) or `eval.jsonl` (method `boomerang`),
 and `boomerang lm-eval`'s CSV (`dir`, `task/metric` columns). Perplexity is lower-better, everything else
-higher-better. With scores the best size that fits wins; without, the largest that fits (a family gets closer to
+higher-better. With scores the best size that fits wins; without, the deepest that fits (a family gets closer to
 the teacher with every patched block).
 """
 
@@ -195,9 +195,9 @@ def pick(sizes: Sequence[dict[str, Any]], config: ModelConfig, budget: Budget, s
                f"size(s) that fit, scores from {scores.source}")
         score = scores.by_dir[best["dir"]]
     else:
-        best = max(fits, key=lambda s: (s["params"]["total"], s["num_layers"]))
-        why = ("the largest size that fits (no evaluation results for these sizes: pass --results; sizes get "
-               "closer to the teacher with every patched block)")
+        best = max(fits, key=lambda s: (s["num_layers"], s["params"]["non_embedding"]))
+        why = ("the deepest size that fits (no evaluation results for these sizes: pass --results; sizes get "
+               "closer to the teacher with every patched block; a tied teacher can be smaller than untied sizes)")
         score = None
     return Choice(best, measure(best, config, budget), score, fits, why)
 
