@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/compile_presets.py                 # all configs/paper-*.yaml x their TPU presets
     .venv/bin/python benchmarks/compile_presets.py --configs configs/paper-qwen3-8b-base.yaml --presets v5p-128
     .venv/bin/python benchmarks/compile_presets.py --write-docs    # (re)write the table in docs/REPRODUCE.md
+    .venv/bin/python benchmarks/compile_presets.py --attention splash --presets v5p-128 --programs train-step
 
 Each (config, preset) runs `boomerang compile --json` in its own process (a CPU-only host with libtpu: no TPU
 needed) and appends one JSON line to the results file; a rerun skips rows already measured with the same preset
@@ -11,6 +12,11 @@ settings, so an interrupted sweep resumes. The table lists, per row: XLA's per-d
 program (train step, eval step or teacher forward; the teacher forward alone can need more than the eval step,
 e.g. llama-3.2-3b on v5e-256: 6.1 vs 3.8 GiB), the chip's HBM, whether it fits with the 10% margin the
 presets keep, plan-memory's estimate and its ratio to XLA's, and the compile times.
+
+`--attention` is passed as `train.attention=NAME` to every compile and recorded in each row (`attention`; rows
+without the field were compiled with xla). The main table and tests/test_aot.py judge the presets with `xla`, the
+larger figure (the [B, H, T, T] float32 scores), so a preset that fits there fits with splash too; rows compiled
+with `--attention splash` fill a second table next to it (xla vs splash per config and preset, with the ratio).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from boomerang_jax.infra.topology import GIB, parse_topology  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results" / "compile_presets.jsonl"
 DOC = REPO / "docs" / "REPRODUCE.md"
 START, END = "<!-- compile-table:start -->", "<!-- compile-table:end -->"
+SPLASH_START, SPLASH_END = "<!-- splash-table:start -->", "<!-- splash-table:end -->"
 MIN_MARGIN = 0.10
 
 
@@ -50,8 +57,14 @@ def tpu_presets(config: Path) -> dict[str, dict]:
     return out
 
 
-def key(config: Path, preset: str, settings: dict) -> str:
-    blob = json.dumps([config.name, preset, settings], sort_keys=True)
+ALL_PROGRAMS = "train-step,eval-step,teacher-forward"
+
+
+def key(config: Path, preset: str, settings: dict, attention: str = "xla", programs: str = ALL_PROGRAMS) -> str:
+    """The row's identity: config file name, preset, its settings and, when not the rows' original xla and all
+    three programs, the attention implementation and the programs compiled."""
+    extra = ([] if attention == "xla" else [attention]) + ([] if programs == ALL_PROGRAMS else [programs])
+    blob = json.dumps([config.name, preset, settings] + extra, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -65,8 +78,10 @@ def load_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
-def compile_one(config: Path, preset: str, timeout_s: int) -> dict:
-    cmd = [sys.executable, "-m", "boomerang_jax.cli", "compile", "--config", str(config), "--preset", preset, "--json"]
+def compile_one(config: Path, preset: str, timeout_s: int, attention: str = "xla",
+                programs: str = ALL_PROGRAMS) -> dict:
+    cmd = [sys.executable, "-m", "boomerang_jax.cli", "compile", "--config", str(config), "--preset", preset, "--json",
+           "--programs", programs, f"train.attention={attention}"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -110,14 +125,47 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(rows: list[dict]) -> None:
+def splash_markdown(rows: list[dict]) -> str:
+    """xla vs splash per (config, preset) compiled with both: each program's total and temporaries per device."""
+    by: dict[tuple, dict] = {}  # the programs of every row of one (config, preset, settings, attention), merged
+    for r in rows:
+        if "error" not in r and not r.get("pending"):
+            k = (Path(r["config"]).stem, r["preset"], json.dumps(r["settings"], sort_keys=True),
+                 r.get("attention", "xla"))
+            merged = {p["name"]: p for p in by.get(k, {}).get("programs", [])} | {p["name"]: p for p in r["programs"]}
+            by[k] = {**r, "programs": list(merged.values())}
+    lines = ["| config | preset | program | xla GiB/device (temps) | splash GiB/device (temps) | splash / xla | "
+             "compile s xla, splash |", "|---|---|---|---|---|---|---|"]
+    for (name, preset, settings, attention), s in sorted(by.items()):
+        x = by.get((name, preset, settings, "xla"))
+        if attention != "splash" or x is None:
+            continue
+        xp = {p["name"].split(" (")[0]: p for p in x["programs"]}
+        for p in s["programs"]:
+            q = xp.get(p["name"].split(" (")[0])
+            if q is None:
+                continue
+            lines.append(f"| {name} | {preset} | {p['name'].split(' (')[0]} | {q['total'] / GIB:.2f} "
+                         f"({q['temp'] / GIB:.2f}) | {p['total'] / GIB:.2f} ({p['temp'] / GIB:.2f}) | "
+                         f"{p['total'] / q['total']:.2f} | {q['compile_s']:.0f}, {p['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _replace_region(text: str, start: str, end: str, body: str) -> str:
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        a, b = text.index(start), text.index(end) + len(end)
+        return text[:a] + block + text[b:]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_docs(rows: list[dict], everything: list[dict] | None = None) -> None:
+    """The main table (rows of one attention) and, when there are splash rows, the xla vs splash table."""
     text = DOC.read_text()
-    table = f"{START}\n{markdown(rows)}\n{END}"
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
-        text = text[:a] + table + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
+    if rows:
+        text = _replace_region(text, START, END, markdown(rows))
+    if everything and any(r.get("attention") == "splash" for r in everything):
+        text = _replace_region(text, SPLASH_START, SPLASH_END, splash_markdown(everything))
     DOC.write_text(text)
 
 
@@ -131,6 +179,10 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", help="leave out these CONFIG_STEM:PRESET rows (e.g. compiled elsewhere)")
     ap.add_argument("--jobs", type=int, default=1, help="compiles run side by side (about one core each)")
     ap.add_argument("--redo", action="store_true", help="compile again rows already in the results file")
+    ap.add_argument("--attention", default="xla", choices=("xla", "splash", "auto"),
+                    help="train.attention of every compile (default xla: the figure the presets are judged by)")
+    ap.add_argument("--programs", default=ALL_PROGRAMS,
+                    help="programs to compile (boomerang compile --programs)")
     ap.add_argument("--write-docs", action="store_true", help="only rewrite the table in docs/REPRODUCE.md")
     args = ap.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +193,7 @@ def main() -> int:
         for preset, settings in tpu_presets(config).items():
             if args.presets and preset not in args.presets:
                 continue
-            todo.append((config, preset, settings, key(config, preset, settings)))
+            todo.append((config, preset, settings, key(config, preset, settings, args.attention, args.programs)))
     if not args.write_docs:
         skip = set(args.skip or ())
         pending = [(i, t) for i, t in enumerate(todo, 1) if (t[3] not in done or args.redo)
@@ -156,9 +208,10 @@ def main() -> int:
             i, (config, preset, settings, k) = item
             print(f"[{i}/{len(todo)}] {config.name} {preset} ...", flush=True)
             settings = tpu_presets(config).get(preset, settings)  # as compiled, if the file changed meanwhile
-            k = key(config, preset, settings)
-            row = {**compile_one(config, preset, args.timeout), "key": k, "config": str(config.relative_to(REPO)),
-                   "preset": preset, "settings": settings}
+            k = key(config, preset, settings, args.attention, args.programs)
+            row = {**compile_one(config, preset, args.timeout, args.attention, args.programs), "key": k,
+                   "config": str(config.relative_to(REPO)), "preset": preset, "settings": settings,
+                   "attention": args.attention, "programs_compiled": args.programs}
             status = row.get("error") or (f"{row['peak'] / GIB:.1f} GiB of {row['hbm'] / GIB:.0f} "
                                           f"({100 * row['margin']:.0f}% free), {row['wall_s']:.0f} s")
             print(f"    [{i}] {config.name} {preset}: {status}", flush=True)
@@ -174,7 +227,7 @@ def main() -> int:
     rows = [done[k] if k in done else {"config": str(c.relative_to(REPO)), "preset": p, "settings": st, "pending": True}
             for c, p, st, k in todo]
     if args.write_docs or os.environ.get("WRITE_DOCS"):
-        write_docs(rows)
+        write_docs(rows if args.attention == "xla" else [], list(done.values()))
     print(markdown(rows))
     return 0
 
