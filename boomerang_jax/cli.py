@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import Sequence
 
@@ -91,12 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what to add to an OSError's own message (which names the file) so the user knows what to do
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space and rerun (a run resumes from its last checkpoint; an export or "
+                  "dataset that was being replaced is left as it was)",
+    errno.EDQUOT: "the disk quota is exhausted: free space and rerun",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "permission denied: write somewhere you may write, or fix the permissions",
+    errno.EPERM: "operation not permitted: write somewhere else, or fix the permissions",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Errors a user can act on (bad input, a full or read-only disk, a stopped run) end in
+    one line naming the file, key or value, with exit status 2; BOOMERANG_TRACEBACK=1 shows the traceback."""
     args = build_parser().parse_args(argv)
+    from boomerang_jax.distill.checkpoint import RunStopped
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # errors name the file/key/value
-        print(f"boomerang {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RunStopped) as e:  # errors name the file/key/value
+        if os.environ.get("BOOMERANG_TRACEBACK"):
+            raise
+        message = str(e).strip() or type(e).__name__
+        if isinstance(e, OSError) and e.errno in _OS_HINTS:
+            message = f"{message} ({_OS_HINTS[e.errno]})"
+        print(f"boomerang {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

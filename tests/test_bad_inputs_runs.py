@@ -6,6 +6,11 @@ Before: `train.lr=-0.03` ran gradient ascent for 20 steps (loss 4.9 -> 22.9) and
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +97,86 @@ def test_a_broken_metrics_line_before_the_last_is_an_error_naming_the_file_and_l
     with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a metrics row"):
         MetricsLog(str(tmp_path), resume_step=2)
     assert path.read_text() == '{"step": 0}\n{"step": 1, oops\n{"step": 2}\n'  # nothing rewritten
+
+
+# --------------------------------------------------------------------------- a run that cannot go on
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(root, teacher dir, config path): the tiny teacher and data of the distillation tests, 40 steps."""
+    from tests.test_distill_run import make_teacher_and_data, write_config
+
+    root, teacher = make_teacher_and_data(tmp_path_factory.mktemp("runs"))
+    return root, teacher, write_config(root, teacher, "run", total_steps=40)
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_full_disk_stops_the_run_in_one_message_and_it_resumes_once_space_is_freed(tiny_run, tmp_path):
+    """The disk fills (another program's file) right after the step-2 checkpoint; the run stops with one message
+    and exit 2; with the file removed, the same command resumes and finishes with every step logged once."""
+    if shutil.which("unshare") is None or not _can_mount_tmpfs():
+        pytest.skip("needs `unshare -Urm` to mount a private tmpfs (user namespaces)")
+    root, _, config = tiny_run
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    distill = f"{sys.executable} -m boomerang_jax.cli distill --config {config} run.dir={mnt}/run"
+    script = f"""
+        mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99
+        ( while [ ! -d {mnt}/run/checkpoints/2 ]; do sleep 0.02; done
+          dd if=/dev/zero of={mnt}/filler bs=64k 2>/dev/null ) &
+        {distill} > {out}/first.out 2> {out}/first.err; echo $? > {out}/first.rc
+        wait
+        rm {mnt}/filler
+        {distill} > {out}/second.out 2> {out}/second.err; echo $? > {out}/second.rc
+        cp {mnt}/run/metrics.jsonl {out}/
+        ls {mnt}/run > {out}/ls
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=env, check=True, timeout=600,
+                   cwd=Path(__file__).resolve().parents[1])
+    first = (out / "first.err").read_text()
+    assert (out / "first.rc").read_text().strip() == "2", first
+    assert "Traceback" not in first and len(first.splitlines()) <= 6, first
+    error = [ln for ln in first.splitlines() if ln.startswith("boomerang distill: error: ")]
+    assert len(error) == 1, first
+    assert ("a checkpoint failed in the background (the disk is full" in error[0]
+            or "No space left on device" in error[0] and "the disk is full: free space and rerun" in error[0]), first
+    second = (out / "second.out").read_text() + (out / "second.err").read_text()
+    assert (out / "second.rc").read_text().strip() == "0", second
+    assert "resumed from" in second
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = sorted(s for s in steps)
+    assert sorted(set(train_steps)) == list(range(1, 41))
+    assert "student" in (out / "ls").read_text().split()
+
+
+def test_a_diverging_run_ends_in_one_line_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, capsys):
+    root, _, config = tiny_run
+    run_dir = tmp_path / "run"
+    code = cli_main(["distill", "--config", str(config), f"run.dir={run_dir}", "train.lr=1e8", "train.clip_norm=1e9"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("boomerang distill: error: non-finite loss nan at step ") and "is kept" in line, err
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_resuming_with_changed_settings_warns_naming_each(tiny_run, tmp_path, capsys):
+    from boomerang_jax.distill.checkpoint import SettingsChangedWarning
+
+    root, teacher, config = tiny_run
+    run_dir = tmp_path / "run"
+    assert cli_main(["distill", "--config", str(config), f"run.dir={run_dir}", "--max-steps", "2"]) == 0
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, moved)
+    with pytest.warns(SettingsChangedWarning) as record:
+        assert cli_main(["distill", "--config", str(config), f"run.dir={run_dir}", f"teacher={moved}",
+                         "train.lr=0.002", "run.log_every=2", "--max-steps", "1"]) == 0
+    message = str(record[0].message)
+    assert f"teacher: '{teacher}' -> '{moved}'" in message and "train.lr: 0.001 -> 0.002" in message, message
+    assert "run.log_every" not in message

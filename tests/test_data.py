@@ -193,7 +193,7 @@ def test_prepare_validation_fraction_is_seeded_and_disjoint(tmp_path, tokenizer)
     train, _ = open_documents(str(tmp_path / "r0"), "train")
     val, _ = open_documents(str(tmp_path / "r0"), "validation")
     assert 20 < len(val) < 80 and len(train) + len(val) == 200
-    with pytest.raises(KeyError, match="validation"):
+    with pytest.raises(ValueError, match="validation"):
         open_documents(str(tmp_path / "r0"), "validaton")
 
 

@@ -57,6 +57,9 @@ class Metadata:
             raw = json.loads(storage.read_text(meta_path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: invalid JSON ({e.msg})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object (a prepared dataset's metadata), "
+                             f"got {type(raw).__name__}")
         if raw.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {raw.get('format')!r}, expected {FORMAT!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -64,7 +67,7 @@ class Metadata:
 
     def shard_paths(self, root: str, split: str) -> list[str]:
         if split not in self.splits:
-            raise KeyError(f"split {split!r} not in the prepared dataset at {root} (have {sorted(self.splits)})")
+            raise ValueError(f"split {split!r} not in the prepared dataset at {root} (have {sorted(self.splits)})")
         return [storage.join(root, s["file"]) for s in self.splits[split]["shards"]]
 
 

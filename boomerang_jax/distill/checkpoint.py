@@ -16,7 +16,9 @@ then no longer guaranteed, but the run goes on.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,6 +74,103 @@ def check_versions(recorded: Mapping[str, Any] | None, where: str) -> list[str]:
     return diffs
 
 
+class SettingsChangedWarning(UserWarning):
+    """A run resumes with settings (teacher, data, optimiser, loss) other than those its checkpoint was made with."""
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def check_settings(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> list[str]:
+    """Warn (SettingsChangedWarning) about every setting of the run config that differs from the one `recorded`
+    in the checkpoint at `where` (the `run.*` bookkeeping keys excepted: a new run.dir or log cadence changes
+    nothing the model sees); returns 'key: recorded -> now' per setting."""
+    if not recorded:
+        return []
+    old, new = _flatten(recorded), _flatten(current)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if not k.startswith("run.") and old.get(k) != new.get(k)]
+    if diffs:
+        warnings.warn(f"{where} was made with other settings (checkpoint -> now): {'; '.join(diffs)}. Resuming "
+                      "with the new ones; the optimiser state and data position come from the old run.",
+                      SettingsChangedWarning, stacklevel=2)
+    return diffs
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (a failed checkpoint, a diverged loss); the message says why and how to resume."""
+
+
+class CheckpointFailed(RunStopped):
+    """A checkpoint could not be written (often: the disk is full). Raised as soon as the loop notices, so no
+    training goes on past a save that will never be resumable."""
+
+
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) == 28 or "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """orbax logs a failed background save once per thread, each with a full traceback; keep one line each
+    (CheckpointFailed carries the cause)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        if record.name == "asyncio":  # orbax's writer tasks of a failed save, collected at exit
+            return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        if "orbax" in (record.pathname or ""):
+            if "raised an exception" in message:
+                return False  # the same cause once per writer thread; CheckpointFailed reports it
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _closed_loop_callback(kind: type | None, value: BaseException | None, tb: Any) -> bool:
+    """Whether an exception is a completion callback reaching orbax's event loop after it was closed."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return kind is RuntimeError and str(value) == "Event loop is closed" and "call_soon_threadsafe" in frames
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed save, tensorstore's completion callbacks still try to reach orbax's closed event loop, and
+    each prints a `RuntimeError: Event loop is closed` traceback (as an unraisable exception, or through
+    sys.excepthook); drop exactly those."""
+    if getattr(sys.excepthook, "_boomerang", False):
+        return
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def except_hook(kind, value, tb):  # noqa: ANN001 (the excepthook signature)
+        if not _closed_loop_callback(kind, value, tb):
+            previous_except(kind, value, tb)
+
+    def unraisable_hook(u):  # noqa: ANN001 (sys.UnraisableHookArgs)
+        if not _closed_loop_callback(u.exc_type, u.exc_value, u.exc_traceback):
+            previous_unraisable(u)
+
+    except_hook._boomerang = True  # type: ignore[attr-defined]
+    sys.excepthook, sys.unraisablehook = except_hook, unraisable_hook
+
+
 class Checkpointer:
     """A thin wrapper over orbax's CheckpointManager for the distillation loop."""
 
@@ -79,6 +178,10 @@ class Checkpointer:
         directory = str(directory)
         # orbax/tensorstore need absolute local paths; gs:// and other URLs pass through.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        _quiet_closed_loop_callbacks()
+        for name in ("absl", "asyncio"):
+            if not any(isinstance(f, _QuietOrbaxErrors) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(_QuietOrbaxErrors())
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -98,15 +201,18 @@ class Checkpointer:
         """Start saving (async); returns whether a save was started. `meta` gets the package versions
         (`software_versions`) under "versions"."""
         meta = {**meta, "versions": software_versions()}
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=force,
-        )
+        try:  # orbax first waits for the previous save, and re-raises its error
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=force,
+            )
+        except Exception as e:
+            raise self._failed(e, step) from e
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restore (state, data_state, meta) of `step`; arrays land with the shardings of `abstract_state`."""
@@ -124,12 +230,44 @@ class Checkpointer:
         """Only the JSON metadata of a checkpoint (plan, configs), e.g. to export a student without a mesh."""
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def check(self, step: int) -> None:
+        """Raise CheckpointFailed if a save running in the background has failed (checked after every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax re-raises the writer's error (ValueError, OSError, ...)
+            raise self._failed(e, step) from e
+
+    def wait(self, step: int | None = None) -> None:
+        """Wait for the save in flight; CheckpointFailed if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e, step) from e
+
+    def _failed(self, e: BaseException, step: int | None) -> CheckpointFailed:
+        complete = sorted(_complete_steps(self.directory))
+        where = "" if step is None else f"; training stopped at step {step}"
+        resume = (f"the last complete checkpoint is step {complete[-1]}, and rerunning the same command resumes "
+                  "from it" if complete else "no checkpoint is complete yet, so a rerun starts from step 0")
+        cause = "the disk is full" if _disk_full(e) else "it could not be written"
+        return CheckpointFailed(f"{self.directory}: a checkpoint failed in the background ({cause}: {_first_line(e)})"
+                                f"{where}; {resume}{'; free space first' if _disk_full(e) else ''}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def _complete_steps(directory: str) -> list[int]:
+    """Steps with a finished checkpoint directory (orbax renames a step's temporary dir when it completes; on
+    a bucket it writes commit_success.txt last)."""
+    remote = storage.is_remote(directory)
+    steps = []
+    for name in storage.listdir(directory) if storage.exists(directory) else []:
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+        if name.isdigit() and (not remote or storage.exists(storage.join(directory, name, "commit_success.txt"))):
+            steps.append(int(name))
+    return steps
 
 
 def abstract_like(shapes: Any, shardings: Any) -> Any:

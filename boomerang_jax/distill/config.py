@@ -155,6 +155,9 @@ def _merged(path: str | Path | None, overrides: Sequence[str], preset: str | Non
             raise RunConfigError(f"{path}: no such config file") from None
         except yaml.YAMLError as e:
             raise RunConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(loaded, Mapping):
+            raise RunConfigError(f"{path}: a run config is a mapping of sections ({', '.join(sorted(DEFAULTS))}), "
+                                 f"got a {type(loaded).__name__}")
         cfg = _over_defaults(loaded, f"{path}: ")
     if preset:
         cfg = apply_preset(cfg, preset)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Iterable, Mapping
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
-from boomerang_jax.distill.checkpoint import Checkpointer
+from boomerang_jax.distill.checkpoint import Checkpointer, RunStopped
 from boomerang_jax.distill.optim import TrainState
 from boomerang_jax.distill.step import Distiller
 from boomerang_jax.infra import parallel, storage, topology
@@ -153,6 +155,7 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(storage.join(run_dir, "tensorboard"))
+            _report_tensorboard_failures_in_one_line()
         except ImportError:
             self.tb = None
 
@@ -187,6 +190,45 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
+    def abandon(self) -> None:
+        """Close after the run failed (e.g. the disk is full): best effort and silent, so that the error that
+        stopped the run is the one the user sees (not a second one from a flush at exit)."""
+        try:
+            self.flush()
+        except OSError:
+            pass
+        if self.tb is not None:
+            try:
+                self.tb.close()
+            except OSError:  # tensorboardX would retry (and fail again) in its atexit hook
+                writer = getattr(getattr(self.tb, "file_writer", None), "event_writer", None)
+                if writer is not None:
+                    writer._closed = True
+
+
+def _report_tensorboard_failures_in_one_line() -> None:
+    """tensorboardX writes events from a thread of its own, which dies with a traceback when the disk fills;
+    say it in one line instead (metrics.jsonl keeps every row; the main thread reports the cause)."""
+    previous = threading.excepthook
+    if getattr(previous, "_boomerang", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        files, tb = [], args.exc_traceback
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if isinstance(args.exc_value, OSError) and any("tensorboardX" in f for f in files):
+            if args.exc_value.errno is None:  # its queue closed under it after such a failure: nothing new
+                return
+            print(f"warning: TensorBoard events could not be written ({args.exc_value}); metrics.jsonl has every row",
+                  file=sys.stderr)
+            return
+        previous(args)
+
+    hook._boomerang = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
 
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
     """A step's metrics as host floats."""
@@ -207,7 +249,7 @@ def _evaluate(distiller: Distiller, params: Any, teacher: Any, batches: Iterable
     return {f"eval/{k}": v / max(tokens, 1.0) for k, v in sums.items()} | {"eval/tokens": tokens}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunStopped):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -292,7 +334,7 @@ class RunCheckpoints:
         if math.isfinite(host["loss"]):
             return
         self.metrics_log.flush()
-        self.ckpt.wait()
+        self.ckpt.wait(step)
         raise TrainingDiverged(
             f"non-finite loss {host['loss']} at step {step} (ce {host.get('ce')}, kl {host.get('kl')}, "
             f"grad norm {host.get('grad_norm')}); the last good checkpoint "

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from boomerang_jax.data.pipeline import DataConfig, make_iterator
-from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like, check_versions
+from boomerang_jax.distill.checkpoint import Checkpointer, abstract_like, check_settings, check_versions
 from boomerang_jax.distill.config import RunConfig, RunConfigError
 from boomerang_jax.distill.loop import (
     MetricsLog,
@@ -171,6 +171,7 @@ def _set_up(cfg: RunConfig, log: Callable[[str], None]) -> _Run:
             raise ValueError(f"{run_dir}: its checkpoints were made with a different layer plan; "
                              "use a new run.dir or the same plan")
         check_versions(saved_meta.get("versions"), f"checkpoint {ckpt.directory} step {latest}")
+        check_settings(saved_meta.get("config"), meta["config"], f"checkpoint {ckpt.directory} step {latest}")
         iterator = make_iterator(data_cfg, data_state)
         log(f"resumed from {ckpt.directory} step {latest}")
     else:
@@ -218,36 +219,44 @@ def run_distillation(cfg: RunConfig, *, log: Callable[[str], None] = parallel.ma
     status = "finished"
     progress = Progress(settings.progress, tcfg.total_steps, step)
     last: dict[str, float] = {}
-    with Preemption() as preempt:
-        while step < end:
-            t = time.perf_counter()
-            batch = next(iterator)
-            state, metrics = distiller.step(state, r.teacher_params, distiller.put_batch(batch), step=step)
-            host = host_metrics(metrics)
-            step += 1
-            dt = time.perf_counter() - t
-            checkpoints.check_finite(host, step)
-            last = throughput.measure(host, dt)
-            if step % settings.log_every == 0 or step == end:
-                metrics_log.write(step, host)
-            progress.update(host)
-            if evals.due(step):
-                metrics_log.write(step, evals.run(state.params, r.teacher_params))
-            if preempt.should_stop(step):  # collective on several processes: every one stops at this step
-                checkpoints.save(step, state, iterator)
-                ckpt.wait()
-                status = "preempted"
-                log(f"SIGTERM: checkpointed step {step} to {ckpt.directory}; rerun the same command to resume")
-                break
-            if checkpoints.due(step):
-                checkpoints.save(step, state, iterator)
+    try:
+        with Preemption() as preempt:
+            while step < end:
+                t = time.perf_counter()
+                batch = next(iterator)
+                state, metrics = distiller.step(state, r.teacher_params, distiller.put_batch(batch), step=step)
+                host = host_metrics(metrics)
+                step += 1
+                dt = time.perf_counter() - t
+                checkpoints.check_finite(host, step)
+                ckpt.check(step)  # a save that failed in the background stops the run now, not at the next save
+                last = throughput.measure(host, dt)
+                if step % settings.log_every == 0 or step == end:
+                    metrics_log.write(step, host)
+                progress.update(host)
+                if evals.due(step):
+                    metrics_log.write(step, evals.run(state.params, r.teacher_params))
+                if preempt.should_stop(step):  # collective on several processes: every one stops at this step
+                    checkpoints.save(step, state, iterator)
+                    ckpt.wait(step)
+                    status = "preempted"
+                    log(f"SIGTERM: checkpointed step {step} to {ckpt.directory}; rerun the same command to resume")
+                    break
+                if checkpoints.due(step):
+                    checkpoints.save(step, state, iterator)
+    except BaseException:  # failed checkpoint, diverged loss, disk full, Ctrl-C: close quietly, re-raise
+        progress.close()
+        metrics_log.abandon()
+        if hasattr(iterator, "close"):
+            iterator.close()
+        raise
     progress.close()
     r.state = state
     if status == "finished" and ckpt.latest_step() != step and step > 0:
         checkpoints.save(step, state, iterator)
     if hasattr(iterator, "close"):
         iterator.close()  # stop grain's read-ahead threads (they would keep reading remote shards at exit)
-    ckpt.wait()
+    ckpt.wait(step)
     summary = {"status": status, "step": step, "total_steps": tcfg.total_steps, "run_dir": r.run_dir,
                "last_metrics": last}
     if status == "finished" and step == tcfg.total_steps and settings.export_student:

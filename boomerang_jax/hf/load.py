@@ -109,11 +109,14 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file of a model directory; a CheckpointError naming it when missing or malformed."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _is_float(dtype: np.dtype) -> bool:
