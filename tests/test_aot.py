@@ -204,7 +204,7 @@ def test_compile_command_prints_xla_memory_and_exits_by_fit(tmp_path, capsys):
     # too big for the chip: exit 1, with the verdict
     assert cli_main(["compile", "--config", str(cfg), "--topology", "v5e-4", "data.train.seq_len=8192",
                      "data.train.batch_size=64", "data.eval.seq_len=8192", "train.remat=none",
-                     "train.micro_batches=1"]) == 1
+                     "train.micro_batches=1", "train.attention=xla"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     # a batch that cannot split over the topology's devices: a clear error, exit 2
     assert cli_main(["compile", "--config", str(cfg), "--topology", "v5e-4", "data.train.batch_size=6"]) == 2

@@ -1,7 +1,7 @@
 """`boomerang upload`: push a size, a full family or a compact family to the Hugging Face hub (huggingface_hub).
 
-What goes where (one repo per loadable model, so `AutoModelForCausalLM.from_pretrained("ORG/NAME")` works on
-each and every size has its own model card):
+What goes where (one repo per loadable model, so
+`AutoModelForCausalLM.from_pretrained("ORG/NAME", trust_remote_code=False)` works on each, and every size has its own model card):
 
 - an HF directory (config.json): one repo `ORG/NAME`, the directory's files at its root;
 - a full family (family.json with sizes): one repo per size, `ORG/NAME-<layers>L`, each size's files at its

@@ -134,7 +134,8 @@ class _QuietOrbaxErrors(logging.Filter):
             return True
         message = record.getMessage()
         if record.name == "asyncio":  # orbax's writer tasks of a failed save, collected at exit
-            return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+            return not (message.startswith(("Task exception was never retrieved", "Future exception was never "
+                                            "retrieved")) and "orbax" in message)
         if "orbax" in (record.pathname or ""):
             if "raised an exception" in message:
                 return False  # the same cause once per writer thread; CheckpointFailed reports it

@@ -160,7 +160,7 @@ def size_card(entry: Mapping[str, Any], family: Mapping[str, Any], *, made_by: s
               f"Student: `{family.get('student', '?')}`; teacher: `{family.get('teacher', '?')}`. The whole "
               "family is described by its family.json; this size's record is `boomerang_size.json`.", "",
               "```python", "from transformers import AutoModelForCausalLM",
-              f'model = AutoModelForCausalLM.from_pretrained("{entry["dir"]}")', "```", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{entry["dir"]}", trust_remote_code=False)', "```", "",
               "## Citation", "", f"{PAPER[0]} ({PAPER[2]})", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
