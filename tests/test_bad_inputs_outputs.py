@@ -125,3 +125,80 @@ def test_an_export_is_on_disk_before_the_rename_that_publishes_it(tmp_path, mode
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert files and files <= synced, files - synced
     assert any(kind == "fsync" and p == str(tmp_path) for kind, p in events[publish:])  # the rename itself
+
+
+# --------------------------------------------------------------------------- errors that used to be tracebacks
+def _one_line_error(err: str, command: str) -> str:
+    """The single `boomerang COMMAND: error: ...` line of stderr (no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"boomerang {command}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def prepared(tmp_path, capsys) -> tuple[Path, Path]:
+    """(tokenizer dir, prepared dataset dir with train and validation splits)."""
+    word_model(tmp_path / "tok", 1)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(["the cat sat on a mat", "the dog ran to a big red house"] * 20) + "\n")
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(text), "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+                 "--val-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    return tmp_path / "tok", out
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json"])
+def test_a_model_file_that_is_not_a_json_object_is_one_line_naming_it(tmp_path, model_dir, capsys, file):
+    (model_dir / file).write_text('["not", "an", "object"]')
+    rc, err = _run(["export", model_dir, "--out", tmp_path / "out"], capsys)
+    line = _one_line_error(err, "export")
+    assert rc == 2 and f"{file}: expected a JSON object" in line and "got list" in line, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_metadata_that_is_not_a_json_object_is_one_line_naming_it(prepared, model_dir, capsys):
+    _, data = prepared
+    (data / "metadata.json").write_text("[1, 2]")
+    rc, err = _run(["eval", model_dir, "--data", data], capsys)
+    line = _one_line_error(err, "eval")
+    assert rc == 2 and f"{data / 'metadata.json'}: expected a JSON object" in line, err
+
+
+def test_a_missing_split_is_one_line_naming_the_splits_there(prepared, model_dir, capsys):
+    _, data = prepared
+    rc, err = _run(["eval", model_dir, "--data", data, "--split", "nope"], capsys)
+    line = _one_line_error(err, "eval")
+    assert rc == 2 and f"split 'nope' not in the prepared dataset at {data}" in line
+    assert "'train'" in line and "'validation'" in line, err
+
+
+def test_a_run_config_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("- teacher: x\n- plan: every=2\n")
+    rc, err = _run(["distill", "--config", config], capsys)
+    line = _one_line_error(err, "distill")
+    assert rc == 2 and f"{config}: a run config is a mapping of sections" in line and "got a list" in line, err
+
+
+def test_an_export_to_a_read_only_filesystem_is_one_line_and_writes_nothing(tmp_path, model_dir):
+    """A real read-only mount (a private tmpfs in a user namespace; root ignores file modes, mounts it cannot)."""
+    import shutil
+    import subprocess
+    import sys
+
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o ro,size=64k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("needs `unshare -Urm` to mount a private read-only tmpfs (user namespaces)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (f"mount -t tmpfs -o ro,size=1m tmpfs {ro} || exit 99; "
+              f"{sys.executable} -m boomerang_jax.cli export {model_dir} --out {ro}/export; echo rc=$?; ls -A {ro}")
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=Path(__file__).resolve().parents[1])
+    line = _one_line_error(proc.stderr, "export")
+    assert "rc=2" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "Read-only file system" in line and str(ro) in line, line
+    assert proc.stdout.strip().splitlines()[-1] == "rc=2"  # `ls -A` of the mount printed nothing: nothing written

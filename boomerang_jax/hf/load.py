@@ -74,10 +74,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a model dir (via the index when sharded); refuses pickle checkpoints."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        body = read_json(index)
+        if "weight_map" not in body:
+            raise CheckpointError(f"{index}: no 'weight_map' (an index maps tensor names to shard file names)")
+        weight_map = body["weight_map"]
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, expected an object "
                                   "mapping tensor names to shard file names")
