@@ -231,3 +231,91 @@ def test_load_refuses_a_non_directory(tmp_path):
 def test_neox_without_rotary_keys_uses_transformers_default_quarter_rotary():
     cfg = {k: v for k, v in TINY_CONFIGS["neox-partial-parallel"].items() if k != "rope_parameters"}
     assert ModelConfig.from_hf(cfg).rope_dim == 8 // 4
+
+
+# --------------------------------------------------------------------------- file-to-file copies of tensors
+def _two_tensor_file(path, seed: int = 0) -> dict[str, np.ndarray]:
+    from boomerang_jax.hf.safetensors_io import TensorSpec, write_safetensors
+
+    rng = np.random.default_rng(seed)
+    tensors = {"a": rng.standard_normal((64, 48)).astype(np.float32),
+               "b": rng.standard_normal((1000,)).astype(ml_dtypes.bfloat16)}
+    write_safetensors(path, [TensorSpec(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.items())
+    return tensors
+
+
+def _copy_through(src, dst, monkeypatch, *, cast_b: bool = False) -> list[int]:
+    """Write dst from src's mapped tensors (b cast to float32 when asked); the byte counts copied by the kernel."""
+    from boomerang_jax.hf import safetensors_io as sio
+
+    calls: list[int] = []
+    real = os.copy_file_range
+
+    def counting(fd_in, fd_out, count, offset_src=None, offset_dst=None):
+        n = real(fd_in, fd_out, count, offset_src, offset_dst)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(sio.os, "copy_file_range", counting)
+    with SafetensorsFile(src) as f:
+        a, b = f.get("a"), f.get("b")
+        b = b.astype(np.float32) if cast_b else b
+        sio.write_safetensors(dst, [sio.TensorSpec("a", a.shape, a.dtype), sio.TensorSpec("b", b.shape, b.dtype)],
+                              [("a", a), ("b", b)])
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="os.copy_file_range (Linux) is needed")
+def test_unchanged_mapped_tensors_are_copied_by_the_kernel_and_read_back_equal(tmp_path, monkeypatch):
+    want = _two_tensor_file(tmp_path / "src.safetensors")
+    calls = _copy_through(tmp_path / "src.safetensors", tmp_path / "dst.safetensors", monkeypatch)
+    assert sum(calls) == want["a"].nbytes + want["b"].nbytes  # both tensors went file to file
+    assert (tmp_path / "dst.safetensors").read_bytes() == (tmp_path / "src.safetensors").read_bytes()
+    with SafetensorsFile(tmp_path / "dst.safetensors") as f:
+        assert np.array_equal(f.get("a"), want["a"]) and np.array_equal(f.get("b"), want["b"])
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="os.copy_file_range (Linux) is needed")
+def test_a_cast_tensor_is_written_and_only_the_unchanged_one_is_copied(tmp_path, monkeypatch):
+    want = _two_tensor_file(tmp_path / "src.safetensors")
+    calls = _copy_through(tmp_path / "src.safetensors", tmp_path / "dst.safetensors", monkeypatch, cast_b=True)
+    assert sum(calls) == want["a"].nbytes
+    with SafetensorsFile(tmp_path / "dst.safetensors") as f:
+        assert np.array_equal(f.get("a"), want["a"])
+        assert f.get("b").dtype == np.float32 and np.array_equal(f.get("b"), want["b"].astype(np.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="os.copy_file_range (Linux) is needed")
+def test_a_source_replaced_after_mapping_is_never_copied_from_its_new_file(tmp_path, monkeypatch):
+    """The path now names another file (an export renamed over it): the mapped (old) bytes are written."""
+    from boomerang_jax.hf import safetensors_io as sio
+
+    src = tmp_path / "src.safetensors"
+    want = _two_tensor_file(src, seed=0)
+    with SafetensorsFile(src) as f:
+        a, b = f.get("a"), f.get("b")
+        _two_tensor_file(tmp_path / "new.safetensors", seed=1)
+        os.replace(tmp_path / "new.safetensors", src)
+        monkeypatch.setattr(sio.os, "copy_file_range", lambda *a: pytest.fail("copied from the replacing file"))
+        sio.write_safetensors(tmp_path / "dst.safetensors", [sio.TensorSpec("a", a.shape, a.dtype),
+                              sio.TensorSpec("b", b.shape, b.dtype)], [("a", a), ("b", b)])
+    with SafetensorsFile(tmp_path / "dst.safetensors") as f:
+        assert np.array_equal(f.get("a"), want["a"]) and np.array_equal(f.get("b"), want["b"])
+
+
+def test_where_the_kernel_cannot_copy_the_tensor_is_written_instead(tmp_path, monkeypatch):
+    import errno
+
+    from boomerang_jax.hf import safetensors_io as sio
+
+    _two_tensor_file(tmp_path / "src.safetensors")
+
+    def cross_device(*a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(sio.os, "copy_file_range", cross_device, raising=False)
+    with SafetensorsFile(tmp_path / "src.safetensors") as f:
+        a, b = f.get("a"), f.get("b")
+        sio.write_safetensors(tmp_path / "dst.safetensors", [sio.TensorSpec("a", a.shape, a.dtype),
+                              sio.TensorSpec("b", b.shape, b.dtype)], [("a", a), ("b", b)])
+    assert (tmp_path / "dst.safetensors").read_bytes() == (tmp_path / "src.safetensors").read_bytes()

@@ -4,15 +4,19 @@ Reading memory-maps the file and hands out one tensor at a time; a truncated or 
 object of objects, unknown dtype, negative dims, byte ranges that are negative, overlap, leave gaps or do not
 match the shape) is an error naming the file and the tensor; these are the checks the `safetensors` library
 itself makes. Writing takes the full list of tensor specs first, writes the header, then streams the
-tensors in, so peak memory is one tensor regardless of the file size.
+tensors in, so peak memory is one tensor regardless of the file size. A tensor that is still the bytes of a
+memory-mapped safetensors file (same dtype, unchanged) is copied file to file by the kernel
+(`os.copy_file_range`), as `cp` does, instead of through this process's memory; elsewhere it is written.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -142,6 +146,33 @@ def _parse_header(
     return metadata, entries
 
 
+@dataclass(frozen=True)
+class _Mapping:
+    """Where one open SafetensorsFile's bytes are mapped, and which file (device, inode) they are."""
+    start: int
+    size: int
+    path: Path
+    dev: int
+    ino: int
+
+
+_MAPPINGS: dict[int, _Mapping] = {}  # id(SafetensorsFile) -> its mapping, while the object lives
+# errors of copy_file_range that mean "not here" (another filesystem on old kernels, unsupported file types):
+# the tensor is then written the ordinary way
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+
+
+def _file_range(arr: np.ndarray) -> tuple[_Mapping, int] | None:
+    """(mapping, byte offset in its file) when `arr` is a contiguous run of bytes of a mapped safetensors file."""
+    if not arr.flags.c_contiguous or arr.nbytes == 0:
+        return None
+    addr = arr.__array_interface__["data"][0]
+    for m in list(_MAPPINGS.values()):
+        if m.start <= addr and addr + arr.nbytes <= m.start + m.size:
+            return m, addr - m.start
+    return None
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file: `specs()` lists tensors, `get(name)` returns a read-only view."""
 
@@ -162,6 +193,11 @@ class SafetensorsFile:
         except BaseException:
             self._file.close()
             raise
+        if self._mmap is not None:
+            st = os.fstat(self._file.fileno())
+            start = np.frombuffer(self._mmap, np.uint8).__array_interface__["data"][0]
+            _MAPPINGS[id(self)] = _Mapping(start, size, self.path.resolve(), st.st_dev, st.st_ino)
+            weakref.finalize(self, _MAPPINGS.pop, id(self), None)
 
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(k, v[1], v[0]) for k, v in self._entries.items()]
@@ -199,20 +235,72 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     it = iter(tensors)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for s in specs:
-            try:
-                name, arr = next(it)
-            except StopIteration:
-                raise SafetensorsError(f"{path}: tensor stream ended before {s.name!r}") from None
-            arr = np.asarray(arr)
-            if name != s.name or tuple(arr.shape) != s.shape:
-                raise SafetensorsError(
-                    f"{path}: expected tensor {s.name!r} {s.shape}, got {name!r} {tuple(arr.shape)}"
-                )
-            f.write(np.ascontiguousarray(arr, dtype=s.dtype).reshape(-1).view(np.uint8).data)
+    sources: dict[_Mapping, int | None] = {}  # open read fds of the mapped files tensors are copied from
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for s in specs:
+                try:
+                    name, arr = next(it)
+                except StopIteration:
+                    raise SafetensorsError(f"{path}: tensor stream ended before {s.name!r}") from None
+                arr = np.asarray(arr)
+                if name != s.name or tuple(arr.shape) != s.shape:
+                    raise SafetensorsError(
+                        f"{path}: expected tensor {s.name!r} {s.shape}, got {name!r} {tuple(arr.shape)}"
+                    )
+                arr = np.ascontiguousarray(arr, dtype=s.dtype)
+                if not _kernel_copy(f, arr, sources):
+                    f.write(arr.reshape(-1).view(np.uint8).data)
+    finally:
+        for fd in sources.values():
+            if fd is not None:
+                os.close(fd)
+
+
+def _source_fd(m: _Mapping, sources: dict[_Mapping, int | None]) -> int | None:
+    """A read fd of the mapped file, or None when the path now names another file (replaced since mapped)."""
+    if m not in sources:
+        try:
+            fd = os.open(m.path, os.O_RDONLY)
+        except OSError:
+            fd = None
+        if fd is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (m.dev, m.ino):
+                os.close(fd)
+                fd = None
+        sources[m] = fd
+    return sources[m]
+
+
+def _kernel_copy(f: Any, arr: np.ndarray, sources: dict[_Mapping, int | None]) -> bool:
+    """Append `arr` to the open file `f` with os.copy_file_range when it is unchanged bytes of a mapped
+    safetensors file; False (nothing written) when it is not, or the kernel cannot copy between these files."""
+    found = _file_range(arr) if hasattr(os, "copy_file_range") else None
+    if found is None:
+        return False
+    m, offset = found
+    fd = _source_fd(m, sources)
+    if fd is None:
+        return False
+    f.flush()
+    pos, done, total = f.tell(), 0, arr.nbytes
+    try:
+        while done < total:
+            n = os.copy_file_range(fd, f.fileno(), total - done, offset + done, pos + done)
+            if n == 0:
+                raise SafetensorsError(f"{m.path}: ended while copying {total} bytes at offset {offset}")
+            done += n
+    except OSError as e:
+        if done == 0 and e.errno in _NO_KERNEL_COPY:
+            sources[m] = None  # don't try this file again
+            os.close(fd)
+            return False
+        raise
+    f.seek(pos + total)
+    return True
 
 
 def iter_tensors(files: Iterable[str | os.PathLike]) -> Iterator[tuple[str, np.ndarray, Path]]:
