@@ -290,3 +290,56 @@ def test_without_results_pick_prefers_depth_so_a_tied_teacher_beats_larger_untie
     tied = {"dir": "k14-30L", "num_layers": 30, "params": {"total": 134, "non_embedding": 106, "embedding": 28}}
     choice = picking.pick([untied, tied], teacher.config, picking.Budget("params", 200), None)
     assert choice.entry is tied and "the deepest size that fits" in choice.why
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_sees_every_size_of_a_compact_family_as_the_full_export_one_at_a_time(families, name):
+    """`boomerang eval FAMILY` on a compact family builds each size in memory: the same sizes, configs and
+    parameters as reading the full export's directories, yielded one at a time."""
+    from boomerang_jax.commands.eval import _models
+    from boomerang_jax.eval.perplexity import perplexity
+
+    root, _, _ = families[name]
+    compact_models = _models(str(root / "compact"))
+    assert not isinstance(compact_models, list)  # a generator: one size in memory at a time
+    full, small = list(_models(str(root / "full"))), list(compact_models)
+    assert [m[0] for m in small] == [m[0] for m in full] and len(full) == len(fam.read_family(root / "full")["sizes"])
+    batch = {"tokens": TOKENS, "targets": np.roll(TOKENS, -1, 1), "segment_ids": np.ones_like(TOKENS),
+             "positions": np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape),
+             "loss_mask": np.ones_like(TOKENS)}
+    for (_, fc, fp, _), (_, sc, sp, _) in zip(full, small):
+        assert fc == sc
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fp, sp)
+        assert perplexity(fp, fc, [batch]).perplexity == perplexity(sp, sc, [batch]).perplexity
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_verify_checks_a_compact_family_without_writing_its_sizes(families, name, capsys):
+    """`boomerang verify COMPACT`: the stored teacher and student, then every size built in memory against the
+    standard transformers class; all OK, and the family directory holds no new files."""
+    root, _, _ = families[name]
+    before = files_of(root / "compact")
+    assert cli.main(["verify", str(root / "compact")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("OK", "MISMATCH"))]
+    sizes = fam.read_family(root / "compact")["sizes"]
+    assert len(lines) == 2 + len(sizes) and all(ln.startswith("OK: ") for ln in lines), lines
+    assert all(f"{root / 'compact'}:{s['dir']}:" in "\n".join(lines) for s in sizes)
+    assert files_of(root / "compact") == before
+
+
+def test_verify_of_a_compact_family_reports_a_size_that_differs(families, tmp_path, capsys, monkeypatch):
+    """The in-memory check can fail: a perturbed transformers model is a MISMATCH (exit 1)."""
+    import torch
+
+    root, _, _ = families["llama-tied"]
+    real = cf.to_transformers
+
+    def perturbed(model, dtype=None):
+        hf = real(model, dtype)
+        with torch.no_grad():
+            hf.model.norm.weight.mul_(1.01)
+        return hf
+
+    monkeypatch.setattr(cf, "to_transformers", perturbed)
+    assert cli.main(["verify", str(root / "compact")]) == 1
+    assert "MISMATCH: " in capsys.readouterr().out

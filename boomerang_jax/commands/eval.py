@@ -9,45 +9,55 @@ its perplexity is exactly what transformers gives for that document alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
-def _models(spec: str) -> list[tuple[str, Any, Any, dict[str, bytes]]]:
-    """(name, config, params, tokenizer files) for an HF dir, a family dir (every size) or a checkpoint."""
+def _models(spec: str) -> Iterator[tuple[str, Any, Any, dict[str, bytes]]]:
+    """(name, config, params, tokenizer files) for an HF dir, a family dir (every size; a compact family's sizes
+    are built in memory from its teacher and student) or a checkpoint, one model at a time."""
     from boomerang_jax.distill.checkpoint import read_student_checkpoint
     from boomerang_jax.hf.load import load_model
+    from boomerang_jax.surgery import compact
     from boomerang_jax.surgery.family_export import FAMILY_FILE, read_family
     from boomerang_jax.surgery.tensors import materialise
 
     path = Path(spec)
     if path.is_dir() and (path / FAMILY_FILE).exists():
-        out = []
-        for size in read_family(path)["sizes"]:
-            model = load_model(str(path / size["dir"]), to_device=False)
-            out.append((size["dir"], model.config, model.params, model.tokenizer_files))
-        return out
+        record = read_family(path)
+        family = compact.open_family(path) if record.get("compact") else None
+        for size in record["sizes"]:
+            if family is not None:
+                model = compact.build_size(family, patched=size["patched"])
+            else:
+                model = load_model(str(path / size["dir"]), to_device=False)
+            yield size["dir"], model.config, model.params, model.tokenizer_files
+        return
     if path.is_dir() and not (path / "config.json").exists():
         source = read_student_checkpoint(path)
         if source is not None:
-            return [(source.where, source.config, materialise(source), source.tokenizer_files)]
+            yield source.where, source.config, materialise(source), source.tokenizer_files
+            return
     model = load_model(spec, to_device=False)
-    return [(spec, model.config, model.params, model.tokenizer_files)]
+    yield spec, model.config, model.params, model.tokenizer_files
 
 
 def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
              max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
              chunk: int = 256) -> list[dict[str, Any]]:
-    """Perplexity of every model in `models` on `data`; one result row per model."""
+    """Perplexity of every model in `models` on `data`; one result row per model (models are loaded one at a
+    time, so a family needs the memory of one size, not of all)."""
     from boomerang_jax.data.batches import load_batches
     from boomerang_jax.eval.perplexity import perplexity
 
     found = _models(models)
-    batches = load_batches(data, tokenizer_files=found[0][3], tokenizer=tokenizer, split=split, seq_len=seq_len,
+    first = next(found)
+    batches = load_batches(data, tokenizer_files=first[3], tokenizer=tokenizer, split=split, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens, text_field=text_field)
     rows = []
-    for name, config, params, _ in found:
+    for name, config, params, _ in itertools.chain([first], found):
         res = perplexity(params, config, batches, chunk=chunk)
         rows.append({"model": name, "num_layers": config.num_layers, **res.to_dict()})
     return rows

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from boomerang_jax.hf.load import load_hf, resolve_dir
-from boomerang_jax.models.transformer import forward
+from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.transformer import Params, forward
 
 
 @dataclasses.dataclass
@@ -60,25 +62,41 @@ def verify_export(
     import torch  # the `torch` extra: imported only when verifying
     from transformers import AutoModelForCausalLM
 
+    _check_counts(tokens, num_sequences, seq_len)
+    local = resolve_dir(path)
+    ck = load_hf(local)
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
+    return compare_logits(str(path), ck.config, ck.params, model, num_sequences=num_sequences, seq_len=seq_len,
+                          seed=seed, atol=atol, rtol=rtol, tokens=tokens)
+
+
+def _check_counts(tokens: np.ndarray | None, num_sequences: int, seq_len: int) -> None:
     if tokens is None:
         for flag, value in (("--num-sequences", num_sequences), ("--seq-len", seq_len)):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1 (got {value}): verify compares logits of at least one "
                                  "sequence of at least one token")
-    local = resolve_dir(path)
-    ck = load_hf(local)
+
+
+def compare_logits(where: str, config: ModelConfig, params: Params, torch_model: Any, *, num_sequences: int = 3,
+                   seq_len: int = 32, seed: int = 0, atol: float = 1e-3, rtol: float = 1e-4,
+                   tokens: np.ndarray | None = None) -> VerifyReport:
+    """Our JAX forward of (config, params) against a transformers model (in eval mode) on the same tokens
+    (seeded random ids unless given): the report of `verify_export`, for a model built in memory too."""
+    import torch
+
+    _check_counts(tokens, num_sequences, seq_len)
     if tokens is None:
         rng = np.random.RandomState(seed)
-        tokens = rng.randint(0, ck.config.vocab_size, (num_sequences, seq_len))
+        tokens = rng.randint(0, config.vocab_size, (num_sequences, seq_len))
     tokens = np.asarray(tokens)
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32,
-                                                 trust_remote_code=False).eval()
     with torch.no_grad():
-        ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+        ref = torch_model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
     with jax.default_matmul_precision("highest"):
-        ours = np.asarray(jax.jit(lambda p, t: forward(p, ck.config, t).logits)(ck.params, jnp.asarray(tokens)))
+        ours = np.asarray(jax.jit(lambda p, t: forward(p, config, t).logits)(params, jnp.asarray(tokens)))
     return VerifyReport(
-        path=str(path),
+        path=where,
         max_abs_diff=float(np.abs(ours - ref).max()),
         max_abs_logit=float(np.abs(ref).max()),
         num_sequences=int(tokens.shape[0]),
