@@ -28,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from boomerang_jax.models.batch import BATCH_KEYS
-from boomerang_jax.models.logits import chunked_ce_kl
+from boomerang_jax.models.logits import chunk_layout, chunk_logits, chunked_ce_kl, to_chunks
 from boomerang_jax.models.nll import mean_nll
+from boomerang_jax.models.suffix import embed_tokens, suffix_forward
 from boomerang_jax.models.transformer import forward, head_kernel
-from boomerang_jax.surgery import LayerPlan, Model, interpolate, patch_sequence, patched_first
+from boomerang_jax.surgery import (STUDENT, TEACHER, LayerPlan, Model, check_compatible, interpolate,
+                                   interpolated_config, layout, patch_sequence, patched_first)
 
 BY_LOSS = "by-loss"
 KL_GREEDY = "kl-greedy"
@@ -62,6 +64,11 @@ def by_loss_order(scores: Mapping[int, float]) -> tuple[int, ...]:
     return tuple(sorted(scores, key=lambda i: (-scores[i], i)))
 
 
+# A cached teacher distribution costs B x T x V float32 per calibration batch (SmolLM2, 4,096 tokens: 0.8 GB);
+# above this, kl_greedy_order recomputes the teacher's logits from its final hidden states for every candidate.
+TEACHER_CACHE_BYTES = 2 << 30
+
+
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
 def _kl_sums(params: Any, config: Any, batch: Mapping[str, jax.Array], teacher_final: jax.Array,
              teacher_head: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -79,47 +86,201 @@ def _final_hidden(params: Any, config: Any, batch: Mapping[str, jax.Array]) -> j
                    return_logits=False).final_hidden
 
 
+@functools.partial(jax.jit, static_argnames=("config", "indices"))
+def _hidden_states(params: Any, config: Any, batch: Mapping[str, jax.Array], indices: tuple[int, ...]
+                   ) -> tuple[jax.Array, ...]:
+    return forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   hidden_indices=indices, return_logits=False, hidden_buffer=True).hidden_states
+
+
+_embed = jax.jit(embed_tokens, static_argnames=("config",))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _teacher_distribution(final: jax.Array, head: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """The teacher's next-token distribution p [n, B, c, V] and sum_v p log p [n, B, c], in sequence chunks."""
+    c, n, pad = chunk_layout(final.shape[1], chunk)
+    head = head.astype(jnp.float32)
+
+    def body(carry: None, h: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
+        log_p = jax.nn.log_softmax(chunk_logits(h, head), axis=-1)
+        p = jnp.exp(log_p)
+        return carry, (p, jnp.sum(p * log_p, axis=-1))
+
+    _, (p, neg_entropy) = jax.lax.scan(body, None, to_chunks(final, c, n, pad))
+    return p, neg_entropy
+
+
+def _ce_kl_to_cached(final: jax.Array, head: jax.Array, p_t: jax.Array, neg_entropy: jax.Array,
+                     targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Masked sums of NLL and KL(teacher || model) as `chunked_ce_kl` computes them, against a cached teacher
+    distribution (`_teacher_distribution`): KL = sum_v p log p - sum_v p z + logsumexp(z)."""
+    c, n, pad = chunk_layout(final.shape[1], chunk)
+    head = head.astype(jnp.float32)
+
+    def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]) -> tuple[Any, None]:
+        ce_acc, kl_acc = carry
+        h, p, ne, tgt, m = xs
+        z = chunk_logits(h, head)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, jnp.clip(tgt, 0, z.shape[-1] - 1)[..., None].astype(jnp.int32), axis=-1)
+        keep = m != 0
+        ce_acc = ce_acc + jnp.sum(jnp.where(keep, m * (lse - picked[..., 0]), 0.0))
+        kl_tok = ne - jnp.sum(p * z, axis=-1) + lse
+        kl_acc = kl_acc + jnp.sum(jnp.where(keep, m * kl_tok, 0.0))
+        return (ce_acc, kl_acc), None
+
+    xs = (to_chunks(final, c, n, pad), p_t, neg_entropy, to_chunks(targets, c, n, pad), to_chunks(mask, c, n, pad))
+    zero = jnp.zeros((), jnp.float32)
+    (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero), xs)
+    return ce_sum, kl_sum
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def _suffix_kl_sums(stack: Any, layer_ids: jax.Array, final_norm: Any, head: jax.Array, hidden: jax.Array,
+                    batch: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], config: Any, chunk: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_kl_sums` of a model that runs `layer_ids` of `stack` (student layers, then teacher layers) from `hidden`
+    (the input of its first layer): one program per suffix length and batch shape, whichever layers they are."""
+    layers = jax.tree.map(lambda x: jnp.take(x, layer_ids, axis=0), stack)
+    final = suffix_forward(layers, final_norm, config, hidden, segment_ids=batch["segment_ids"],
+                           positions=batch["positions"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if "p" in teacher:
+        nll, kl = _ce_kl_to_cached(final, head, teacher["p"], teacher["neg_entropy"], batch["targets"], mask, chunk)
+    else:
+        nll, kl = chunked_ce_kl(final, head, teacher["final"], teacher["head"], batch["targets"], mask, chunk=chunk,
+                                tau=1.0, use_ce=True, use_kl=True)
+    return kl, nll, jnp.sum(mask)
+
+
+def _means(sums: np.ndarray) -> tuple[float, float]:
+    if sums[2] == 0:
+        raise ValueError("the calibration batches have no tokens in their loss masks")
+    return sums[0] / sums[2], sums[1] / sums[2]
+
+
+class _WholeModelScorer:
+    """The straightforward KLPatch scorer: every candidate model built whole and run from its embedding (the
+    reference the fast scorer is tested against)."""
+
+    def __init__(self, student: Model, teacher: Model, plan: LayerPlan, batches: list[dict[str, jax.Array]],
+                 chunk: int) -> None:
+        self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
+        self.t_finals = [_final_hidden(teacher.params, teacher.config, b) for b in batches]
+        self.t_head = head_kernel(teacher.params, teacher.config)
+
+    def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
+        """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
+        scores = {}
+        for c in candidates:
+            model = interpolate(self.student, self.teacher, self.plan, patched_first(self.plan, chosen + [c]))
+            sums = np.zeros(3)
+            for b, tf in zip(self.batches, self.t_finals):
+                sums += [float(x) for x in _kl_sums(model.params, model.config, b, tf, self.t_head, self.chunk)]
+            scores[c] = _means(sums)
+        return scores
+
+
+class _SuffixScorer:
+    """Scores every candidate of one greedy step from the current model's hidden state at the first layer the
+    candidate changes: the shared prefix runs once per step, each candidate only its own suffix of layers.
+    The teacher's distribution per token is cached when it takes at most `teacher_cache_bytes`."""
+
+    def __init__(self, student: Model, teacher: Model, plan: LayerPlan, batches: list[dict[str, jax.Array]],
+                 chunk: int, teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> None:
+        self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
+        self.stack = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), student.params["layers"],
+                                  teacher.params["layers"])
+        self.models = {STUDENT: student, TEACHER: teacher}
+        self.heads = {k: (m.params["final_norm"], head_kernel(m.params, m.config)) for k, m in self.models.items()}
+        t_head = self.heads[TEACHER][1]
+        t_finals = [_final_hidden(teacher.params, teacher.config, b) for b in batches]
+        size = sum(b["tokens"].size for b in batches) * teacher.config.vocab_size * 4
+        self.teacher_cached = size <= teacher_cache_bytes
+        if self.teacher_cached:
+            self.targets = [dict(zip(("p", "neg_entropy"), _teacher_distribution(tf, t_head, chunk)))
+                            for tf in t_finals]
+        else:
+            self.targets = [{"final": tf, "head": t_head} for tf in t_finals]
+        self._embedded: dict[str, list[jax.Array]] = {}
+
+    def _embedding(self, source: str) -> list[jax.Array]:
+        if source not in self._embedded:
+            m = self.models[source]
+            self._embedded[source] = [_embed(m.params, m.config, b["tokens"]) for b in self.batches]
+        return self._embedded[source]
+
+    def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
+        """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
+        plan, s, t = self.plan, self.student, self.teacher
+        current = patched_first(plan, chosen)
+        tied = dict(student_tied=s.config.tie_word_embeddings, teacher_tied=t.config.tie_word_embeddings)
+        jobs = []
+        for c in candidates:
+            lay = layout(plan, patched_first(plan, chosen + [c]), **tied)
+            first = min(set(lay.patched) - current)  # the first student layer that differs from the current model
+            start = sum(len(plan.blocks[i]) if i in current else 1 for i in range(first))
+            ids = [j if src == STUDENT else plan.num_student_layers + j for src, j in lay.layers[start:]]
+            config = interpolated_config(s.config, t.config, lay).replace(num_layers=len(ids),
+                                                                           tie_word_embeddings=False)
+            jobs.append((c, start, jnp.asarray(ids, jnp.int32), config, lay))
+        inner = tuple(sorted({start for _, start, *_ in jobs if start > 0}))
+        hidden: dict[int, list[jax.Array]] = {i: [] for i in inner}
+        if inner:
+            model = interpolate(s, t, plan, current)
+            for b in self.batches:
+                for i, h in zip(inner, _hidden_states(model.params, model.config, b, inner)):
+                    hidden[i].append(h)
+        scores = {}
+        for c, start, ids, config, lay in jobs:
+            inputs = hidden[start] if start else self._embedding(lay.embedding)
+            final_norm, head = self.heads[lay.head]
+            sums = np.zeros(3)
+            for b, h, target in zip(self.batches, inputs, self.targets):
+                sums += [float(x) for x in _suffix_kl_sums(self.stack, ids, final_norm, head, h, b, target,
+                                                           config, self.chunk)]
+            scores[c] = _means(sums)
+        return scores
+
+
+def _pick(scores: Mapping[int, tuple[float, float]]) -> tuple[int, float, float]:
+    """(block, KL, NLL) of the lowest KL; ties go to the first candidate."""
+    block = min(scores, key=lambda c: scores[c][0])
+    return block, scores[block][0], scores[block][1]
+
+
 def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
-                    chunk: int = 128, log: Callable[[str], None] | None = None
+                    chunk: int = 128, log: Callable[[str], None] | None = None, fast: bool = True,
+                    teacher_cache_bytes: int = TEACHER_CACHE_BYTES
                     ) -> tuple[tuple[int, ...], list[dict[str, float]]]:
     """KLPatch: the multi-layer blocks in patch order, chosen greedily by KL(teacher || model) on `batches`,
     and one record per chosen step {block, num_layers, kl, nll} (mean nats per token). `student`, `teacher`:
-    (config, params) pairs. The teacher's final hidden states are computed once; logits are chunked."""
+    (config, params) pairs. The teacher's final hidden states are computed once; logits are chunked.
+
+    `fast` (the default) runs, per step, the layers the candidates share once and each candidate only from the
+    first layer it changes, against the teacher's distribution, cached when it takes at most
+    `teacher_cache_bytes`; `fast=False` builds and runs every candidate whole (the reference of the tests)."""
     batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in batches]
     if not batches:
         raise ValueError("kl_greedy_order needs at least one calibration batch")
-    t_config, t_params = teacher
-    t_params = jax.tree.map(jnp.asarray, t_params)
-    student = (student[0], jax.tree.map(jnp.asarray, student[1]))
-    t_finals = [_final_hidden(t_params, t_config, b) for b in batches]
-    t_head = head_kernel(t_params, t_config)
-
-    def score(patched: frozenset[int]) -> tuple[float, float]:
-        model: Model = interpolate(student, (t_config, t_params), plan, patched)
-        sums = np.zeros(3)
-        for b, tf in zip(batches, t_finals):
-            sums += [float(x) for x in _kl_sums(model.params, model.config, b, tf, t_head, chunk)]
-        if sums[2] == 0:
-            raise ValueError("the calibration batches have no tokens in their loss masks")
-        return sums[0] / sums[2], sums[1] / sums[2]
-
+    s_model, t_model = (Model(m[0], jax.tree.map(jnp.asarray, m[1])) for m in (student, teacher))
+    check_compatible(s_model.config, t_model.config, plan)
+    scorer = _SuffixScorer(s_model, t_model, plan, batches, chunk, teacher_cache_bytes) if fast \
+        else _WholeModelScorer(s_model, t_model, plan, batches, chunk)
     multi = list(plan.multi_layer_blocks)
     chosen: list[int] = []
     steps: list[dict[str, float]] = []
     while len(chosen) < len(multi) - 1:  # the last block left is patched last: that step gives the teacher
         t0 = time.perf_counter()
         rest = [b for b in multi if b not in chosen]
-        best = None
-        for c in rest:
-            patched = patched_first(plan, chosen + [c])
-            kl, nll = score(patched)
-            if best is None or kl < best[0]:
-                best = (kl, nll, c, plan.num_layers(patched))
-        chosen.append(best[2])
-        steps.append({"block": best[2], "num_layers": best[3], "kl": round(best[0], 6), "nll": round(best[1], 6)})
+        block, kl, nll = _pick(scorer.step(chosen, rest))
+        chosen.append(block)
+        n = plan.num_layers(patched_first(plan, chosen))
+        steps.append({"block": block, "num_layers": n, "kl": round(kl, 6), "nll": round(nll, 6)})
         if log:
-            log(f"KL patch step {len(chosen)}: block {best[2]} (teacher layers {list(plan.blocks[best[2]])}) -> "
-                f"{best[3]} layers, KL to the teacher {best[0]:.4f}, NLL {best[1]:.4f} "
+            log(f"KL patch step {len(chosen)}: block {block} (teacher layers {list(plan.blocks[block])}) -> "
+                f"{n} layers, KL to the teacher {kl:.4f}, NLL {nll:.4f} "
                 f"({len(rest)} candidates, {time.perf_counter() - t0:.1f}s)")
     order = tuple(chosen + [b for b in multi if b not in chosen])
     return order, steps
