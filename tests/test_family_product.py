@@ -343,3 +343,32 @@ def test_verify_of_a_compact_family_reports_a_size_that_differs(families, tmp_pa
     monkeypatch.setattr(cf, "to_transformers", perturbed)
     assert cli.main(["verify", str(root / "compact")]) == 1
     assert "MISMATCH: " in capsys.readouterr().out
+
+
+def test_eval_results_go_into_the_full_familys_model_cards_and_nothing_else_changes(families, tmp_path):
+    """`boomerang eval FAMILY --update-cards`: each evaluated size's card gets its perplexity row in place of
+    'Not evaluated yet'; the rest of the card, the other files and a user's own README stay as they were."""
+    import shutil
+
+    from boomerang_jax.commands.eval import update_cards
+    from boomerang_jax.surgery.model_card import README
+
+    root, _, _ = families["qwen3-untied"]
+    family = tmp_path / "family"
+    shutil.copytree(root / "full", family)
+    sizes = fam.read_family(family)["sizes"]
+    own = family / sizes[1]["dir"] / README
+    own.write_text("# my own notes\n")
+    before = {p: p.read_bytes() for p in family.rglob("*") if p.is_file()}
+    rows = [{"model": s["dir"], "num_layers": s["num_layers"], "perplexity": 10.0 + i, "ci_low": 9.5 + i,
+             "ci_high": 10.5 + i, "tokens": 512} for i, s in enumerate(sizes)]
+    written = update_cards(str(family), rows, "held-out.txt")
+    assert len(written) == len(sizes) - 1 and own.read_text() == "# my own notes\n"
+    card = (family / sizes[0]["dir"] / README).read_text()
+    old = before[family / sizes[0]["dir"] / README].decode()
+    assert "Not evaluated yet" in old and "Not evaluated yet" not in card
+    assert f"| {sizes[0]['dir']} | 10 | 9.5-10.5 | 512 | held-out.txt |" in card
+    assert card.split("## Evaluation")[0] == old.split("## Evaluation")[0]
+    assert card.split("## How it was made")[1] == old.split("## How it was made")[1]
+    changed = {p for p in before if p.read_bytes() != before[p]}
+    assert changed == {family / s["dir"] / README for s in sizes if family / s["dir"] / README != own}

@@ -63,6 +63,34 @@ def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512
     return rows
 
 
+def update_cards(family_dir: str, rows: list[dict[str, Any]], data: str) -> list[str]:
+    """Write each evaluated size's perplexity into the model card (README.md) of a full family's size
+    directory, replacing its Evaluation section; returns the cards rewritten. Cards this project did not write
+    are left alone; a compact family has no per-size cards (materialise writes them with the results)."""
+    from boomerang_jax.infra import storage
+    from boomerang_jax.surgery.family_export import read_family
+    from boomerang_jax.surgery.model_card import README, with_evaluation
+
+    record = read_family(family_dir)
+    if record.get("compact"):
+        return []
+    dirs = {s["dir"] for s in record["sizes"]}
+    written = []
+    for r in rows:
+        if r["model"] not in dirs:
+            continue
+        path = storage.join(family_dir, r["model"], README)
+        if not storage.exists(path):
+            continue
+        evaluation = {"size": r["model"], "perplexity": r["perplexity"],
+                      "95% interval": f"{r['ci_low']:.4g}-{r['ci_high']:.4g}", "tokens": r["tokens"], "data": data}
+        card = with_evaluation(storage.read_text(path), evaluation)
+        if card is not None:
+            storage.write_text_atomic(path, card)
+            written.append(path)
+    return written
+
+
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `boomerang eval`."""
     p.add_argument("model", help="HF dir / hub id / .gguf / family dir (family.json) / distillation run dir")
@@ -74,6 +102,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer for raw text (default: the model's own)")
     p.add_argument("--text-field", default="text", help="field of jsonl records holding the text")
     p.add_argument("--json-out", help="write the result rows to this JSON file")
+    p.add_argument("--update-cards", action="store_true",
+                   help="a full family: write each size's perplexity into its model card (README.md)")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -85,4 +115,8 @@ def eval_command(args: argparse.Namespace) -> int:
               f"(95% CI {r['ci_low']:.4f}-{r['ci_high']:.4f}) over {r['tokens']} tokens")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.update_cards:
+        written = update_cards(args.model, rows, args.data)
+        print(f"updated {len(written)} model card(s) with their perplexity" if written else
+              "no model card updated (not a full family with this project's cards)")
     return 0

@@ -152,8 +152,7 @@ def size_card(entry: Mapping[str, Any], family: Mapping[str, Any], *, made_by: s
                                          if k is not None else "This size is a patched set outside that order."),
               "", "## Evaluation", ""]
     if evaluation:
-        lines += ["| " + " | ".join(map(str, evaluation)) + " |", "|" + "---|" * len(evaluation),
-                  "| " + " | ".join(_cell(v) for v in evaluation.values()) + " |", ""]
+        lines += evaluation_lines(evaluation)
     else:
         lines += ["Not evaluated yet (`boomerang eval`, `boomerang lm-eval`).", ""]
     lines += ["## How it was made", "", f"`{made_by}`" if made_by else "boomerang_jax (Python API)", "",
@@ -163,6 +162,23 @@ def size_card(entry: Mapping[str, Any], family: Mapping[str, Any], *, made_by: s
               f'model = AutoModelForCausalLM.from_pretrained("{entry["dir"]}", trust_remote_code=False)', "```", "",
               "## Citation", "", f"{PAPER[0]} ({PAPER[2]})", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """The card's evaluation table: one header row of the keys, one row of the values."""
+    return ["| " + " | ".join(map(str, evaluation)) + " |", "|" + "---|" * len(evaluation),
+            "| " + " | ".join(_cell(v) for v in evaluation.values()) + " |", ""]
+
+
+def with_evaluation(card: str, evaluation: Mapping[str, Any]) -> str | None:
+    """`card` (a size_card) with its Evaluation section replaced by `evaluation`'s table; None when the text has
+    no such section (not a card this project wrote), so a user's own README is never rewritten."""
+    start, end = "\n## Evaluation\n", "\n## How it was made\n"
+    if start not in card or end not in card[card.index(start):]:
+        return None
+    a = card.index(start) + len(start)
+    b = card.index(end, a)
+    return card[:a] + "\n" + "\n".join(evaluation_lines(evaluation)) + card[b:]
 
 
 def _cell(v: Any) -> str:
