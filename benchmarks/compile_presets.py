@@ -91,7 +91,11 @@ def compile_one(config: Path, preset: str, timeout_s: int, attention: str = "xla
     if proc.returncode not in (0, 1):
         tail = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()][-3:] or proc.stderr.splitlines()[-3:]
         return {"error": " | ".join(tail)[:1000], "wall_s": wall}
-    return {**json.loads(proc.stdout), "wall_s": wall}
+    try:
+        return {**json.loads(proc.stdout), "wall_s": wall}
+    except json.JSONDecodeError:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {"error": f"no JSON report (exit {proc.returncode}): " + " | ".join(tail)[:1000], "wall_s": wall}
 
 
 def markdown(rows: list[dict]) -> str:
