@@ -23,6 +23,7 @@ CONSTRAINTS = REPO / "launch" / "constraints.txt"  # exact versions every worker
 REMOTE_DIR = "$HOME/boomerang-jax"  # the project on each worker
 VENV = "$HOME/boomerang-venv"
 LOG = "$HOME/boomerang-distill.log"
+RC = "$HOME/boomerang-distill.rc"  # the exit status of the last `boomerang distill`, written when it ends
 TARBALL = "boomerang-jax.tar.gz"
 DEFAULT_PYTHON = "3.11"
 
@@ -38,6 +39,14 @@ def load_topology():
     sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
     spec.loader.exec_module(module)
     return module
+
+
+class StateError(LaunchError):
+    """A polled resource reached a failed state (e.g. a queued resource FAILED or SUSPENDED); `state` says which."""
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class Runner:
@@ -81,7 +90,7 @@ class Runner:
             if state == ready:
                 return
             if state in failed:
-                raise LaunchError(f"{shlex.join(argv)} reports {state}")
+                raise StateError(f"{shlex.join(argv)} reports {state}", state)
             if time.monotonic() > deadline:
                 raise LaunchError(f"still {state or 'unknown'} after {timeout_s:.0f}s: {shlex.join(argv)}")
             self.note(f"state {state or 'unknown'}; waiting")
@@ -222,17 +231,31 @@ def install_script(python: str, jax_spec: str, extra_pip: Sequence[str] = (), co
     ])
 
 
-def distill_script(config: str, args: Sequence[str], env: Sequence[str] = (), log_to: str | None = None) -> str:
+def distill_script(config: str, args: Sequence[str], env: Sequence[str] = (), log_to: str | None = None,
+                   log_every_s: int = 60) -> str:
     """Shell run on every worker: start `boomerang distill` detached (it survives the ssh session), logging to
-    ~/boomerang-distill.log; when it ends the log is copied to `log_to` (a gs:// directory) if given."""
+    ~/boomerang-distill.log, and write its exit status to ~/boomerang-distill.rc when it ends (what
+    `status_script` reports). With `log_to` (a gs:// directory) the log is copied there as HOSTNAME.log every
+    `log_every_s` seconds while training runs, and once more when it ends."""
     exports = "".join(f"export {shlex.quote(e)}\n" for e in env)
-    inner = f'cd "{REMOTE_DIR}" && "{VENV}/bin/boomerang" distill --config {shlex.quote(config)} {shlex.join(args)}'
+    run = f'cd "{REMOTE_DIR}" && "{VENV}/bin/boomerang" distill --config {shlex.quote(config)} {shlex.join(args)}'
+    inner = f'rm -f "{RC}"; '
     if log_to:
-        inner += (f'; rc=$?; gcloud storage cp "{LOG}" {shlex.quote(log_to.rstrip("/"))}/"$(hostname)".log'
-                  " || true; exit $rc")
+        copy = f'gcloud storage cp "{LOG}" {shlex.quote(log_to.rstrip("/"))}/"$(hostname)".log'
+        inner += (f"( while sleep {int(log_every_s)}; do {copy} >/dev/null 2>&1 || true; done ) & copier=$!; "
+                  f'{run}; rc=$?; kill "$copier" 2>/dev/null; echo "$rc" > "{RC}"; {copy} || true; exit $rc')
+    else:
+        inner += f'{run}; rc=$?; echo "$rc" > "{RC}"; exit $rc'
     return (f"{exports}# shellcheck disable=SC2016  # $HOME etc. expand in the inner bash, on purpose\n"
             f"nohup setsid bash -c {shlex.quote(inner)} > \"{LOG}\" 2>&1 < /dev/null &\n"
             'echo "boomerang distill started on $(hostname)"')
+
+
+def status_script() -> str:
+    """Shell that prints one word for this worker's training: `exit=N` (it ended with status N), `running`, or
+    `gone` (no process and no status: the VM restarted under it)."""
+    return (f'if [ -f "{RC}" ]; then echo "exit=$(cat "{RC}")"; '
+            'elif pgrep -f "[b]oomerang distill" >/dev/null; then echo running; else echo gone; fi')
 
 
 def follow_script() -> str:

@@ -17,7 +17,10 @@ Commands (each prints every gcloud command it runs; `--dry-run` only prints them
   delete    tear everything down (the TPU VM, or the queued resource with its nodes)
   up        `boomerang compile` here first (does the train step fit this topology's memory? CPU only, nothing
             is created when it does not; --skip-compile skips it), then create + install + distill
-            (+ delete at the end with --delete-after)
+            (+ delete at the end with --delete-after). With --retries N it then watches the slice: when it is
+            preempted or fails (or training is stopped by SIGTERM / vanishes on a healthy slice) it recreates the
+            slice, reinstalls the pinned versions and starts distill again on the same run dir (which resumes
+            from its newest checkpoint), up to N times; each attempt is logged with a UTC timestamp and reason
 
 Topologies: v4-8 ... v4-4096, v5e-1 ... v5e-256 (v5litepod-N), v5p-8 ... , v6e-N, and KxNAME for K slices.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +38,7 @@ from common import (
     TARBALL,
     LaunchError,
     Runner,
+    StateError,
     distill_script,
     env_pairs,
     follow_script,
@@ -44,9 +49,28 @@ from common import (
     pack_repo,
     pinned_install,
     repo_config,
+    status_script,
 )
 
 topology = load_topology()
+HEALTHY = {"READY", "ACTIVE"}  # a TPU VM's state / a queued resource's state.state when it can train
+LOST = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "FAILED", "SUSPENDED", "SUSPENDING", "DELETING", "HIDDEN",
+        "HIDING"}  # gone for good: delete and recreate (other states, e.g. REPAIRING, CREATING: wait)
+UNKNOWN_POLLS = 3  # consecutive polls without a state (describe failed) before the slice counts as lost
+
+
+class SliceLost(LaunchError):
+    """The slice, or the training on it, is gone; `recreate`: delete and recreate the slice (else restart
+    distill on the slice as it is)."""
+
+    def __init__(self, reason: str, recreate: bool = True) -> None:
+        super().__init__(reason)
+        self.recreate = recreate
+
+
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second (what every recovery note starts with)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class TPU:
@@ -124,7 +148,8 @@ class TPU:
         elif not a.allow_local_run_dir:
             raise LaunchError("pass the run directory on a bucket, e.g. `-- run.dir=gs://BUCKET/runs/NAME` (every "
                               "worker must see the same checkpoints); --allow-local-run-dir if the config has one")
-        return distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs)
+        return distill_script(repo_config(a.config), extra, env_pairs(a.env), log_to=logs,
+                              log_every_s=a.log_every_s)
 
     def distill(self) -> None:
         a = self.args
@@ -142,11 +167,117 @@ class TPU:
         for node in nodes:
             self.runner.run(self.ssh(node, " ".join(self.args.remote_command), worker=self.args.worker))
 
-    def delete(self) -> None:
+    def delete(self, check: bool = True) -> None:
         if self.queued:
-            self.runner.run(self.gcloud_tpu("queued-resources", "delete", self.qr, *self.where, "--force", "--quiet"))
+            self.runner.run(self.gcloud_tpu("queued-resources", "delete", self.qr, *self.where, "--force", "--quiet"),
+                            check=check)
         else:
-            self.runner.run(self.gcloud_tpu("tpu-vm", "delete", self.name, *self.where, "--quiet"))
+            self.runner.run(self.gcloud_tpu("tpu-vm", "delete", self.name, *self.where, "--quiet"), check=check)
+
+    # ---- unattended recovery (up --retries N)
+    def state(self) -> str:
+        """The slice's state as gcloud reports it (a queued resource's state.state); '' when describe fails."""
+        if self.queued:
+            argv = self.gcloud_tpu("queued-resources", "describe", self.qr, *self.where, "--format=value(state.state)")
+        else:
+            argv = self.gcloud_tpu("tpu-vm", "describe", self.name, *self.where, "--format=value(state)")
+        return self.runner.run(argv, capture=True, check=False).strip()
+
+    def worker_status(self) -> list[str]:
+        """One word per worker of every slice (`exit=N`, `running`, `gone`; see common.status_script)."""
+        words: list[str] = []
+        for node in self.nodes:
+            out = self.runner.run(self.ssh(node, status_script()), capture=True, check=False)
+            words += [w for w in out.split() if w == "running" or w == "gone" or w.startswith("exit=")]
+        return words
+
+    def watch(self) -> None:
+        """Follow (or poll) the training until it ends. Returns when every worker exited 0; SliceLost when the
+        slice is lost or training stopped without finishing; LaunchError when training failed on a healthy slice
+        (a bug or a config problem would fail again, so that is not retried)."""
+        a, unknown = self.args, 0
+        while True:
+            if a.no_follow:
+                self.runner.note(f"poll every {a.poll_s:.0f}s: the slice's state, then each worker's training")
+                if not self.runner.dry_run:
+                    time.sleep(a.poll_s)
+            else:
+                self.runner.run(self.ssh(self.nodes[0], follow_script(), worker=str(a.worker)), check=False)
+            state = self.state()
+            if self.runner.dry_run:
+                self.worker_status()
+                self.runner.note(f"repeat until every worker reports exit=0; a state in {sorted(LOST)} or training "
+                                 "stopped without finishing: recover (delete, create, install, distill again)")
+                return
+            if state in LOST:
+                raise SliceLost(f"the slice is {state}")
+            if state not in HEALTHY:
+                unknown = unknown + 1 if not state else 0
+                if unknown >= UNKNOWN_POLLS:
+                    raise SliceLost(f"describe reported no state {unknown} times in a row (the slice is gone?)")
+                self.runner.note(f"{utc_now()} slice state {state or 'unknown'}; waiting")
+                time.sleep(a.poll_s)
+                continue
+            unknown = 0
+            words = self.worker_status()
+            failed = sorted({w for w in words if w.startswith("exit=") and w not in ("exit=0", "exit=143")})
+            if words and all(w == "exit=0" for w in words) and len(words) >= len(self.nodes):
+                return
+            if "running" in words or not words:  # still training (or ssh failed this time: look again)
+                if not a.no_follow:  # the follow returned early (ssh dropped): pause before following again
+                    time.sleep(a.poll_s)
+                continue
+            if failed:
+                raise LaunchError(f"training failed on a {state} slice ({', '.join(failed)}); not retried (it would "
+                                  f"fail again): see the worker logs (`launch/tpu.py ... logs`, or run.dir/logs/)")
+            raise SliceLost("training stopped on a healthy slice (" + ", ".join(sorted(set(words))) +
+                            "; exit=143 is SIGTERM, gone: the VM restarted)", recreate=False)
+
+    def attempt(self, recreate: bool, first: bool) -> None:
+        """(Re)create + install when `recreate`, then start distill and watch it. Any failure on a slice that is
+        not healthy (a create that got no capacity, an ssh to a VM being preempted) is SliceLost."""
+        try:
+            if recreate:
+                if not first:
+                    self.delete(check=False)  # a preempted slice must be deleted before its name is free
+                self.create()
+                self.install()
+            script = self.start_script()
+            for node in self.nodes:
+                self.runner.run(self.ssh(node, script))
+        except SliceLost:
+            raise
+        except StateError as e:
+            raise SliceLost(f"the queued resource is {e.state}") from None
+        except LaunchError as e:
+            state = "" if self.runner.dry_run else self.state()
+            if state in HEALTHY or self.runner.dry_run:
+                raise
+            raise SliceLost(f"{e} (the slice is {state or 'not found'})") from None
+        self.watch()
+
+    def up_with_retries(self) -> None:
+        """create + install + distill + watch; on SliceLost, log it and go again, at most --retries times."""
+        a, history, recreate = self.args, [], True
+        while True:
+            try:
+                self.attempt(recreate, first=not history)
+                if not self.runner.dry_run:
+                    self.runner.note(f"{utc_now()} training finished on every worker"
+                                     + (f" after {len(history)} recoveries" if history else ""))
+                return
+            except SliceLost as e:
+                history.append(f"{utc_now()} {e}")
+                if len(history) > a.retries:
+                    raise LaunchError(f"gave up after {a.retries} retries (--retries {a.retries}): " +
+                                      "; ".join(f"attempt {i + 1}: {h}" for i, h in enumerate(history)) +
+                                      ". The run dir keeps its checkpoints: the same `up` command resumes it") from None
+                recreate = e.recreate
+                self.runner.note(f"{history[-1]}: attempt {len(history) + 1} of {a.retries + 1}: "
+                                 + ("delete and recreate the slice, reinstall, resume" if recreate
+                                    else "start distill again on this slice (resumes)")
+                                 + f" in {a.retry_wait_s:.0f}s")
+                time.sleep(a.retry_wait_s)
 
     def compile_check(self) -> None:
         """`boomerang compile` on this machine for the run's topology; LaunchError when it does not fit/compile."""
@@ -168,6 +299,13 @@ class TPU:
             self.runner.note("no compile check (--skip-compile)")
         else:
             self.compile_check()
+        if self.args.retries:
+            try:
+                self.up_with_retries()
+            finally:
+                if self.args.delete_after:
+                    self.delete()
+            return
         self.create()
         try:
             self.install()
@@ -210,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--no-follow", action="store_true", help="do not stream the log after starting")
         q.add_argument("--worker", default="0", help="worker whose log is streamed")
         q.add_argument("--allow-local-run-dir", action="store_true", help="do not insist on run.dir=gs://...")
+        q.add_argument("--log-every-s", type=int, default=60,
+                       help="copy each worker's log to run.dir/logs/HOSTNAME.log this often while training runs")
         q.add_argument("overrides", nargs="*", help="section.key=value overrides after `--`, e.g. run.dir=gs://...")
 
     create_flags(sub.add_parser("create", help="create the TPU VM / queued resource"))
@@ -230,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--delete-after", action="store_true", help="tear down when training ends or fails")
     q.add_argument("--skip-compile", action="store_true",
                    help="do not run `boomerang compile` here before creating the TPU")
+    q.add_argument("--retries", type=int, default=0,
+                   help="watch the slice and recover up to N times from preemption / failure: recreate, "
+                        "reinstall, resume the same run dir (default 0: no watching)")
+    q.add_argument("--retry-wait-s", type=float, default=60.0, help="pause before each recovery attempt")
     return p
 
 

@@ -429,6 +429,8 @@ def worker_scripts() -> dict[str, str]:
         "distill": common.distill_script(CONFIG, ["--preset=v5p-128", "run.dir=gs://b/r"], ["HF_TOKEN=x"],
                                          log_to="gs://b/r/logs"),
         "follow": common.follow_script(),
+        "status": common.status_script(),
+        "distill-no-logs": common.distill_script(CONFIG, ["run.dir=/r"]),
     }
 
 
@@ -473,6 +475,10 @@ def test_gcloud_itself_accepts_every_generated_command(tmp_path):
                                "--spot", "--config", CONFIG, "--", "run.dir=gs://b/r"))
     cmds += gcloud_only(dry_run("tpu.py", "--zone", "us-east5-a", "--project", "p", "--topology", "v5p-128",
                                 "up", "--config", CONFIG, "--delete-after", "--", "run.dir=gs://b/r"))
+    for topo in ("v5p-8", "v5e-16"):  # up --retries: describe of a TPU VM, of a queued resource
+        cmds += gcloud_only(dry_run("tpu.py", "--zone", "us-east5-a", "--project", "p", "--topology", topo, "up",
+                                    "--skip-compile", "--retries", "1", *(["--queued"] if topo == "v5e-16" else []),
+                                    "--config", CONFIG, "--", "run.dir=gs://b/r"))
     cmds += gcloud_only(dry_run("gpu.py", "--zone", "z", "--project", "p", "up", "--spot", "--config", CONFIG,
                                 "--delete-after", "--", "run.dir=gs://b/r"))
     seen = set()
@@ -487,7 +493,7 @@ def test_gcloud_itself_accepts_every_generated_command(tmp_path):
                                                                                proc.stderr[-1500:])
     finally:
         server.shutdown()
-    assert len(seen) >= 9
+    assert len(seen) >= 10 and ("gcloud", "compute", "tpus", "tpu-vm", "describe") in seen
     bad = subprocess.run(["gcloud", "compute", "tpus", "tpu-vm", "create", "x", "--zone=z", "--versionn=1"], env=env,
                          capture_output=True, text=True, timeout=120, check=False)
     assert "unrecognized arguments" in bad.stderr  # the check can fail
