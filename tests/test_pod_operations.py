@@ -228,3 +228,47 @@ def test_the_worker_script_copies_the_log_while_training_runs_and_records_the_ex
                             check=False)
     assert status.stdout.strip() == "exit=7"
     assert "step 4" in copied.read_text()  # the final copy at exit
+
+
+DISTILL = ("import argparse, sys\n"  # `boomerang distill` through its own command module (not all of the CLI)
+           "from boomerang_jax.commands.distill import add_distill_arguments, distill_command\n"
+           "parser = argparse.ArgumentParser()\nadd_distill_arguments(parser)\n"
+           "sys.exit(distill_command(parser.parse_args(sys.argv[1:])))\n")
+
+
+def test_a_tiny_run_records_data_wait_and_input_rate_and_writes_the_profile_it_was_asked_for(tmp_path):
+    """`boomerang distill --profile 3,4` on the tiny CPU teacher: every metrics row has data_wait_s (0 <= wait <=
+    step time) and data_tokens_per_s, and a jax.profiler trace (xplane.pb) of those steps lands in RUN_DIR/profile."""
+    from tests.test_distill_run import make_teacher_and_data, write_config
+
+    root, teacher = make_teacher_and_data(tmp_path)
+    config = write_config(root, teacher, "run", total_steps=6)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-c", DISTILL, "--config", str(config), "--profile", "3,4",
+                           "run.eval_every=0"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600, check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    rows = [json.loads(ln) for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for r in steps:
+        assert 0.0 <= r["data_wait_s"] <= r["step_time_s"], r
+        assert r["data_tokens_per_s"] > 0, r
+    traces = list((root / "run" / "profile").rglob("*.xplane.pb"))
+    assert traces and all(t.stat().st_size > 0 for t in traces), sorted((root / "run").rglob("*"))
+    assert "profile of steps 3..4 written to" in out
+    later = sum(r["data_wait_s"] for r in steps[1:]) / sum(r["step_time_s"] for r in steps[1:])
+    print(f"data-wait share of steps 2..6: {later:.1%}")  # the first step's time is mostly compilation
+
+
+def test_profile_steps_are_validated_naming_the_key():
+    from boomerang_jax.distill.config import RunConfigError, RunSettings
+
+    assert RunSettings(profile_steps="3,5").profile_range() == (3, 5)
+    assert RunSettings(profile_steps=[2, 2]).profile_range() == (2, 2)
+    assert RunSettings(profile_steps=4).profile_range() == (4, 4)
+    assert RunSettings().profile_range() is None
+    for bad in ("5,3", "0,2", "a", [1, 2, 3]):
+        with pytest.raises(RunConfigError, match=r"run.profile_steps=.*expected FIRST,LAST"):
+            RunSettings(profile_steps=bad)

@@ -16,6 +16,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many steps of this invocation")
     parser.add_argument("--preset",
                         help="apply the config's presets[NAME] (mesh/micro-batches for a topology, e.g. v5p-128)")
+    parser.add_argument("--profile", metavar="FIRST,LAST",
+                        help="write a jax.profiler trace of these steps to RUN_DIR/profile (TensorBoard / xprof), "
+                             "e.g. 3,5; the same as run.profile_steps=3,5")
     parser.add_argument("--distributed", choices=["auto", "on", "off"], default="auto",
                         help="jax.distributed start-up: auto-detect (default), on (every worker of a multi-host TPU "
                              "slice; the launch scripts pass this), off")
@@ -27,7 +30,8 @@ def distill_command(args: argparse.Namespace) -> int:
     from boomerang_jax.distill.config import load_run_config
     from boomerang_jax.infra import parallel
 
-    cfg = load_run_config(args.config, args.overrides, preset=args.preset)  # config errors before any start-up
+    overrides = [*args.overrides, *([f"run.profile_steps={args.profile}"] if getattr(args, "profile", None) else [])]
+    cfg = load_run_config(args.config, overrides, preset=args.preset)  # config errors before any start-up
     if args.distributed != "off":
         parallel.initialize_distributed(force=args.distributed == "on")
     from boomerang_jax.distill.train import run_distillation

@@ -46,6 +46,29 @@ class RunSettings:
     export_student: bool = True  # write the final student as an HF dir (with its plan) under dir/student
     peak_tflops: float | None = None  # per device, bf16; None: guessed from the device kind (for MFU)
     progress: bool = True
+    # A jax.profiler trace of steps FIRST..LAST (as metrics.jsonl numbers them) into dir/profile: "3,5", [3, 5]
+    # or 4 (one step); None: no trace. Read it with TensorBoard's profile plugin or xprof.
+    profile_steps: Any = None
+
+    def __post_init__(self) -> None:
+        self.profile_range()  # a bad value is an error at start-up, naming the key
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """(first, last) step to trace, from `profile_steps`; None when not profiling."""
+        value = self.profile_steps
+        if value is None or value == "":
+            return None
+        parts = value if isinstance(value, (list, tuple)) else str(value).replace("-", ",").split(",")
+        try:
+            steps = [int(p) for p in parts]
+        except (TypeError, ValueError):
+            steps = []
+        if len(steps) == 1:
+            steps *= 2
+        if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+            raise RunConfigError(f"run.profile_steps={value!r}: expected FIRST,LAST steps (1 <= FIRST <= LAST), "
+                                 "e.g. 3,5, or one step, e.g. 4")
+        return steps[0], steps[1]
 
 
 DEFAULTS: dict[str, Any] = {

@@ -1,5 +1,6 @@
-"""The parts the distillation loop calls (distill/train.py `run_distillation`): throughput and MFU, the metrics
-log, periodic held-out evaluation, checkpoint cadence, the divergence guard, the progress bar and preemption.
+"""The parts the distillation loop calls (distill/train.py `run_distillation`): throughput, MFU and input wait,
+the metrics log, periodic held-out evaluation, checkpoint cadence, the divergence guard, the progress bar,
+preemption and the step profiler.
 
 Each is small and owns one concern, so the loop reads as set-up -> step -> these parts -> finish. Behaviour is
 the loop's: metrics.jsonl rows, checkpoint steps, resume and preemption are documented in distill/train.py.
@@ -12,6 +13,7 @@ import json
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -254,17 +256,75 @@ class TrainingDiverged(RunStopped):
 
 
 class Throughput:
-    """Adds step time, tokens/s and (when the peak is known) MFU to a step's metrics."""
+    """Adds step time, tokens/s, (when the peak is known) MFU and the input pipeline's share to a step's metrics.
+
+    `data_wait_s`: host time blocked in `next(iterator)` (part of `step_time_s`); `data_tokens_per_s`: this host's
+    non-padding batch tokens / that wait, the rate the pipeline delivered at (large when it keeps up: only low
+    values matter). Both are process 0's host figures; measuring them costs two clock reads and a count, no sync.
+    """
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None) -> None:
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
 
-    def measure(self, host: dict[str, float], dt: float) -> dict[str, float]:
-        """`host` (a step's metrics, updated in place and returned) plus the step's time `dt` and rates."""
+    def measure(self, host: dict[str, float], dt: float, data_wait: float | None = None,
+                data_tokens: int | None = None) -> dict[str, float]:
+        """`host` (a step's metrics, updated in place and returned) plus the step's time `dt` and rates, and the
+        time `data_wait` the step waited for its batch of `data_tokens` real tokens when given."""
         host.update(step_time_s=dt, tokens_per_s=self.tokens_per_step / dt)
         if self.peak:
             host["mfu"] = self.flops_per_step / dt / self.peak
+        if data_wait is not None:
+            host["data_wait_s"] = data_wait
+            if data_tokens is not None:
+                host["data_tokens_per_s"] = data_tokens / max(data_wait, 1e-9)
         return host
+
+
+def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """The real (non-padding) tokens of a host batch: its nonzero segment ids (all of them for concat packing)."""
+    return int(np.count_nonzero(batch["segment_ids"]))
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps `first..last` (numbered as in metrics.jsonl) into `run_dir`/profile, for
+    TensorBoard's profile plugin / xprof. On a bucket it traces to a local folder and uploads it when done. The
+    loop calls `before(step)` before running step `step` and `after(step)` once its metrics are on the host."""
+
+    def __init__(self, run_dir: str, steps: tuple[int, int] | None, log: Any = print) -> None:
+        self.dest, self.steps, self.log = storage.join(run_dir, "profile"), steps, log
+        self.remote = storage.is_remote(run_dir)
+        self.local: str | None = None
+
+    def before(self, step: int) -> None:
+        """Start tracing when `step` is the first step to trace (or a later one of the range after a resume)."""
+        if self.steps and self.local is None and self.steps[0] <= step <= self.steps[1]:
+            self.local = tempfile.mkdtemp(prefix="boomerang-profile-") if self.remote else self.dest
+            if not self.remote:
+                storage.makedirs(self.dest)
+            jax.profiler.start_trace(self.local)
+
+    def annotation(self, step: int) -> Any:
+        """A StepTraceAnnotation for `step` while tracing (xprof's step view), else a no-op context."""
+        import contextlib
+
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.local else contextlib.nullcontext()
+
+    def after(self, step: int) -> None:
+        """Stop (and upload) the trace after its last step."""
+        if self.local is not None and step >= self.steps[1]:
+            self.close()
+            self.log(f"profile of steps {self.steps[0]}..{step} written to {self.dest} "
+                     f"(tensorboard --logdir {self.dest}, or xprof)")
+            self.steps = None
+
+    def close(self) -> None:
+        """Stop a trace in progress (the loop ended inside the range) and upload it."""
+        if self.local is None:
+            return
+        jax.profiler.stop_trace()
+        if self.remote:
+            storage.upload_dir(self.local, self.dest)
+        self.local = None
 
 
 class Progress:

@@ -27,7 +27,9 @@ from boomerang_jax.distill.loop import (
     Preemption,
     Progress,
     RunCheckpoints,
+    StepProfiler,
     Throughput,
+    batch_tokens,
     flops_per_token,
     host_metrics,
     peak_flops,
@@ -218,19 +220,24 @@ def run_distillation(cfg: RunConfig, *, log: Callable[[str], None] = parallel.ma
     end = tcfg.total_steps if max_steps is None else min(tcfg.total_steps, step + max_steps)
     status = "finished"
     progress = Progress(settings.progress, tcfg.total_steps, step)
+    profiler = StepProfiler(r.run_dir, settings.profile_range(), log)
     last: dict[str, float] = {}
     try:
         with Preemption() as preempt:
             while step < end:
+                profiler.before(step + 1)
                 t = time.perf_counter()
                 batch = next(iterator)
-                state, metrics = distiller.step(state, r.teacher_params, distiller.put_batch(batch), step=step)
-                host = host_metrics(metrics)
+                t_data = time.perf_counter()
+                with profiler.annotation(step + 1):
+                    state, metrics = distiller.step(state, r.teacher_params, distiller.put_batch(batch), step=step)
+                    host = host_metrics(metrics)  # the loop's one sync per step
                 step += 1
                 dt = time.perf_counter() - t
+                profiler.after(step)
                 checkpoints.check_finite(host, step)
                 ckpt.check(step)  # a save that failed in the background stops the run now, not at the next save
-                last = throughput.measure(host, dt)
+                last = throughput.measure(host, dt, t_data - t, batch_tokens(batch))
                 if step % settings.log_every == 0 or step == end:
                     metrics_log.write(step, host)
                 progress.update(host)
@@ -246,11 +253,16 @@ def run_distillation(cfg: RunConfig, *, log: Callable[[str], None] = parallel.ma
                     checkpoints.save(step, state, iterator)
     except BaseException:  # failed checkpoint, diverged loss, disk full, Ctrl-C: close quietly, re-raise
         progress.close()
+        try:
+            profiler.close()
+        except Exception:  # the error that stopped the run is the one to see
+            pass
         metrics_log.abandon()
         if hasattr(iterator, "close"):
             iterator.close()
         raise
     progress.close()
+    profiler.close()
     r.state = state
     if status == "finished" and ckpt.latest_step() != step and step > 0:
         checkpoints.save(step, state, iterator)
