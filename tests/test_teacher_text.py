@@ -67,3 +67,12 @@ def test_teacher_text_command_writes_jsonl_that_prepares_like_any_text(teacher, 
     assert cli_main(args[:-1] + ["<nope>", "--overwrite"]) == 2
     assert "start token '<nope>' is not in the tokenizer's vocabulary" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_documents_do_not_depend_on_the_batch_size(teacher):
+    _, _, ck = teacher
+    kw = dict(start_id=1, stop_id=-1, num_docs=10, length=8)
+    by4 = [d.tolist() for d in sample_documents(ck.params, ck.config, batch=4, **kw)]  # the last batch is padded
+    by10 = [d.tolist() for d in sample_documents(ck.params, ck.config, batch=10, **kw)]
+    assert len(by4) == 10 and by4 == by10
+    assert len({tuple(d) for d in by4}) == 10  # every document has its own key

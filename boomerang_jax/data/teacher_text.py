@@ -37,16 +37,20 @@ def sample_documents(
     log: Callable[[str], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """`num_docs` token arrays, each sampled after `start_id` for up to `length` tokens and cut before the first
-    `stop_id` (the teacher ended its document); empty ones are dropped. Seeded: same seed, same documents."""
+    `stop_id` (the teacher ended its document); empty ones are dropped. Seeded: same seed, same documents.
+
+    Document i is sampled with the key fold_in(key(seed), i), so the documents do not depend on `batch`
+    (rows sampled together); `batch` only sets how many are sampled at once (speed, memory)."""
     if num_docs < 1 or length < 1 or batch < 1:
         raise ValueError(f"need num_docs, length and batch >= 1, got {num_docs}, {length}, {batch}")
-    key = jax.random.key(seed)
+    root = jax.random.key(seed)
     batches = math.ceil(num_docs / batch)
     prompts = np.full((batch, 1), start_id, np.int32)
     done, t0 = 0, time.perf_counter()
     for b in range(batches):
-        key, sub = jax.random.split(key)
-        rows = generate(params, config, prompts, length, temperature=temperature, key=sub)[:, 1:]
+        # a short last batch is padded with the next documents' keys (one program for every batch)
+        keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.arange(b * batch, (b + 1) * batch))
+        rows = generate(params, config, prompts, length, temperature=temperature, key=keys)[:, 1:]
         for row in rows[: num_docs - done]:
             stops = np.flatnonzero(row == stop_id)
             doc = row[: stops[0]] if len(stops) else row

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from boomerang_jax.models.attention import attend, attention_mask, cache_mask, resolve
+from boomerang_jax.models.attention import attend, attention_mask, resolve
 from boomerang_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -130,12 +130,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: tuple[jax.Array | None, jax.Array | None],
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
-                 layer: jax.Array | None = None) -> Any:
-        """Attention output; `mask` is (mask, segment ids) from `attention_inputs` (or (cache mask, None)). With a
-        cache `kv` (every layer's [L, B, S, Hkv, hd] keys, values), x's keys and values are written into layer
-        `layer`'s cache at slot `index` onward (in place: the stacks are a loop carry), the queries attend over
-        that layer's whole cache (always xla), and (output, new cache) is returned."""
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None) -> Any:
+        """Attention output; `mask` is (mask, segment ids) from `attention_inputs`. With `kv`, this layer's
+        key/value cache ([B, Hkv, S, hd] each, read only), x's tokens are the ones at slots `index`.. and attend
+        to the cache's slots < index and causally to each other; (output, (x's keys, x's values)) is returned,
+        [B, Hkv, T, hd] in the cache's dtype, for the caller to write into the cache."""
         c = self.config
         b, t, _ = x.shape
         dense = lambda n, f, bias: Dense(f, bias, self.dtype, self.param_dtype, name=n)  # noqa: E731
@@ -146,17 +145,43 @@ class Attention(nn.Module):
             q = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="q_norm")(q)
             k = Norm("rms", c.norm_eps, c.head_dim, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
         if kv is not None:
-            zero = jnp.zeros((), jnp.int32)
-            at = (layer, zero, jnp.asarray(index, jnp.int32), zero, zero)
-            kv = tuple(jax.lax.dynamic_update_slice(c_, new[None].astype(c_.dtype), at) for c_, new in zip(kv, (k, v)))
-            k, v = (jax.lax.dynamic_index_in_dim(c_, layer, 0, keepdims=False) for c_ in kv)
-        dense_mask, segment_ids = mask
-        implementation = "xla" if kv is not None else self.implementation
-        out = attend(q, k, v, implementation=implementation, dtype=self.dtype, segment_ids=segment_ids,
-                     mask=dense_mask).reshape(b, t, c.num_heads * c.head_dim)
-        out = Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype, name="o_proj")(out)
-        return out if kv is None else (out, kv)
+            new_kv = tuple(a.transpose(0, 2, 1, 3).astype(kv[0].dtype) for a in (k, v))
+            out = cached_attention(q, new_kv, kv, index, self.dtype)
+        else:
+            dense_mask, segment_ids = mask
+            out = attend(q, k, v, implementation=self.implementation, dtype=self.dtype, segment_ids=segment_ids,
+                         mask=dense_mask)
+        out = Dense(c.hidden_size, c.attention_out_bias, self.dtype, self.param_dtype,
+                    name="o_proj")(out.reshape(b, t, c.num_heads * c.head_dim))
+        return out if kv is None else (out, new_kv)
+
+
+def cached_attention(q: jax.Array, new: tuple[jax.Array, jax.Array], cache: tuple[jax.Array, jax.Array],
+                     index: jax.Array, dtype: Any) -> jax.Array:
+    """Attention [B, T, H, hd] of queries q [B, T, H, hd] at slots index..index+T-1 over a cache's slots < index
+    (keys, values [B, Hkv, S, hd]) and, causally, over their own keys and values `new` ([B, Hkv, T, hd]).
+
+    The numerics of `xla_attention` (float32 scores and softmax, probabilities in `dtype`) without writing the
+    new keys into the cache first: the caller writes them once per step for all layers, so the cache is only
+    read here, in a layout (heads before slots) that the two batched matmuls use as it is."""
+    b, t, h, hd = q.shape
+    hkv, s = cache[0].shape[1], cache[0].shape[2]
+    g = h // hkv
+    # rows of the score matrices: (query group, query) for each key/value head
+    qh = q.reshape(b, t, hkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, hd)
+    scale = hd**-0.5
+    neg = jnp.finfo(jnp.float32).min
+    old = jnp.einsum("bkqd,bksd->bkqs", qh, cache[0].astype(dtype), preferred_element_type=jnp.float32) * scale
+    old = jnp.where(jnp.arange(s) < index, old, neg)
+    own = jnp.einsum("bkqd,bktd->bkqt", qh, new[0].astype(dtype), preferred_element_type=jnp.float32) * scale
+    causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (g, 1))
+    own = jnp.where(causal, own, neg)
+    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1).astype(dtype)
+    out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :s], cache[1].astype(dtype))
+           + jnp.einsum("bkqt,bktd->bkqd", probs[..., s:], new[1].astype(dtype)))
+    return out.reshape(b, hkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
 class MLP(nn.Module):
@@ -179,7 +204,8 @@ class Block(nn.Module):
     "none"; "stack", the scan output (every layer's output, [L, B, T, D]: what backprop keeps anyway); or
     "buffer", written into a carried [n + 1, B, T, D] buffer at this layer's slot (slot n is scratch), so a
     forward pass without gradients (the teacher) holds only the n requested outputs; or "cache" (decoding):
-    the carry holds every layer's key/value cache and `slot` is this layer's index in it."""
+    `layer_cache` is this layer's (keys, values) cache, read only, and the scan output is the keys and values of
+    this call's tokens, which the caller writes into the cache at slot `index`."""
 
     config: ModelConfig
     dtype: Any
@@ -189,22 +215,21 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry: Any, cos: jax.Array, sin: jax.Array, mask: Any, slot: jax.Array,
-                 index: jax.Array | None = None):
+                 index: jax.Array | None = None, layer_cache: tuple[jax.Array, jax.Array] | None = None):
         c = self.config
-        h, buf = carry if self.collect in ("buffer", "cache") else (carry, None)
-        kv = buf if self.collect == "cache" else None  # decoding: carry = (h, every layer's key/value cache)
+        h, buf = carry if self.collect == "buffer" else (carry, None)
         norm = lambda n: Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name=n)  # noqa: E731
         attn = Attention(c, self.dtype, self.param_dtype, self.implementation, name="attn")(
-            norm("attn_norm")(h), cos, sin, mask, kv, index, slot)
-        if kv is not None:
-            attn, kv = attn
+            norm("attn_norm")(h), cos, sin, mask, layer_cache, index)
+        if layer_cache is not None:
+            attn, new_kv = attn
         if c.parallel_residual:
             h = h + attn + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
         else:
             h = h + attn
             h = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(h))
-        if kv is not None:
-            return (h, kv), None
+        if layer_cache is not None:
+            return h, new_kv
         if self.collect == "buffer":
             return (h, jax.lax.dynamic_update_index_in_dim(buf, h.astype(buf.dtype), slot, 0)), None
         return h, (h if self.collect == "stack" else None)
@@ -284,18 +309,25 @@ class Transformer(nn.Module):
 
     def _decode(self, embed: nn.Embed, h: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                 cache: tuple[jax.Array, jax.Array], index: jax.Array, return_logits: bool) -> ModelOutput:
-        """Forward of the tokens at slots index.. of a key/value cache ([L, B, S, Hkv, hd] keys and values)."""
+        """Forward of the tokens at slots index.. of a key/value cache ([L, B, Hkv, S, hd] keys and values).
+
+        The layer scan only reads the cache (each layer its own slice) and outputs the new tokens' keys and
+        values; they are written into the cache once, after the scan, so under a decoding loop that carries the
+        cache the update is in place and nothing copies the cache per layer or per step."""
         c = self.config
         layers = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.dtype, self.param_dtype, "cache", name="layers")
-        mask = (cache_mask(positions, cache[0].shape[2]), None)
-        (h, new_cache), _ = layers((h, tuple(cache)), cos, sin, mask, jnp.arange(c.num_layers, dtype=jnp.int32),
-                                   index)
+        index = jnp.asarray(index, jnp.int32)
+        h, (new_k, new_v) = layers(h, cos, sin, (None, None), jnp.arange(c.num_layers, dtype=jnp.int32), index,
+                                   tuple(cache))
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, zero, zero, index, zero)
+        new_cache = tuple(jax.lax.dynamic_update_slice(old, new, at) for old, new in zip(cache, (new_k, new_v)))
         final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
         logits = self._logits(embed, final) if return_logits else None
         return ModelOutput(logits=logits, hidden_states=(), final_hidden=final, last_layer_output=h, cache=new_cache)
@@ -350,8 +382,9 @@ def forward(
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32
                ) -> tuple[jax.Array, jax.Array]:
-    """Empty key and value caches, [num_layers, batch, length, num_kv_heads, head_dim] each, for `forward`."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    """Empty key and value caches, [num_layers, batch, num_kv_heads, length, head_dim] each, for `forward`
+    (heads before slots: the layout the cached attention's matmuls read without a transpose)."""
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
