@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from boomerang_jax.data.prepare import prepare_dataset
-from boomerang_jax.data.documents import read_documents
+from boomerang_jax.data.prepare import FORMAT, prepare_dataset
+from boomerang_jax.data.documents import expand_paths, read_documents
+from boomerang_jax.data.shards import build_path, settings_key
 from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer, tokenizer_from_files
 from boomerang_jax.hf.load import EMBEDDED_TEACHER, load_model
@@ -41,22 +46,124 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    parser.add_argument("--shard-docs", type=int, default=20_000,
+                        help="documents per work shard: the unit of parallelism and of resumption (default 20000)")
+    parser.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    parser.add_argument("--shard-of", default="0/1", metavar="I/N",
+                        help="take share I of N (0-based) of the work shards: one per machine of a slice")
+    parser.add_argument("--finish", action="store_true",
+                        help="read no source: write the dataset from the finished shards (error if some are not)")
+
+
+def _shard_of(text: str) -> tuple[int, int]:
+    index, sep, count = str(text).partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard-of {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
+
+
+def _source_files(args: argparse.Namespace) -> list[Any]:
+    """The files a file source reads, with sizes and mtimes (local): a changed file is a new build."""
+    if any(s in ("sotu", "shakespeare") or s.startswith(("ovos-wiki", "tfds:", "hf:")) for s in args.source):
+        return []
+    out: list[Any] = []
+    for f in expand_paths(list(args.source)):
+        st = None if storage.is_remote(f) else os.stat(f)
+        out.append([f, st.st_size, st.st_mtime_ns] if st else [f])
+    return out
+
+
+def _build_key(args: argparse.Namespace, encoder: DocumentEncoder, source: dict[str, Any]) -> str:
+    backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(encoder.tokenizer.get_vocab(), sort_keys=True)
+    return settings_key({
+        "format": FORMAT, "source": source, "data_dir": args.data_dir, "files": _source_files(args),
+        "tokenizer": encoder.describe(), "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+        "split": args.split, "val_fraction": args.val_fraction, "seed": args.seed, "shard_tokens": args.shard_tokens,
+        "max_docs": args.max_docs, "shard_docs": args.shard_docs})
+
+
+def _encoder(args: argparse.Namespace) -> tuple[DocumentEncoder, dict[str, Any], str]:
+    """The encoder, the metadata's `source` and the build key of these arguments."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
+    source = {"spec": list(args.source), "text_field": args.text_field, "paragraphs": args.paragraphs,
+              "source_split": args.source_split, "tokenizer": str(args.tokenizer)}
+    return encoder, source, _build_key(args, encoder, source)
+
+
+def _prepare(args: argparse.Namespace, shard_of: tuple[int, int], *, read: bool, finish: bool,
+             strict: bool = False) -> Any:
+    """One process's part of `prepare-data` (this one, or a --workers child)."""
+    encoder, source, key = _encoder(args)
+    docs = read_documents(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
+                          split=args.source_split, data_dir=args.data_dir) if read else None
+    return prepare_dataset(
+        docs, encoder, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+        shard_tokens=args.shard_tokens, max_docs=args.max_docs, overwrite=args.overwrite, source=source,
+        shard_docs=args.shard_docs, resume_key=key, shard_of=shard_of, finish=finish, strict=strict)
+
+
+def _worker(arguments: dict[str, Any], shard_of: tuple[int, int], error_file: str) -> None:
+    """A --workers child: its share of the work shards; a failure is written to `error_file` as JSON."""
+    try:
+        _prepare(argparse.Namespace(**arguments), shard_of, read=True, finish=False)
+    except BaseException as e:
+        Path(error_file).write_text(json.dumps({"type": type(e).__name__, "value_error": isinstance(e, ValueError),
+                                                "message": str(e)}))
+        raise SystemExit(1)
+
+
+def _run_workers(args: argparse.Namespace, index: int, count: int) -> None:
+    """Share I of N split among --workers processes on this machine (spawned: each loads its own tokenizer and
+    reads the source; only plain arguments cross the process boundary)."""
+    import multiprocessing
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")
+    plain = {k: v for k, v in vars(args).items() if k != "func"}
+    n = args.workers
+    with tempfile.TemporaryDirectory(prefix="boomerang-workers-") as tmp:
+        procs = [ctx.Process(target=_worker, args=(plain, (index * n + j, count * n), f"{tmp}/{j}.json"))
+                 for j in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        for j, p in enumerate(procs):
+            err = Path(tmp) / f"{j}.json"
+            if p.exitcode == 0:
+                continue
+            if err.exists():
+                e = json.loads(err.read_text())
+                raise (ValueError if e["value_error"] else OSError)(e["message"] or e["type"])
+            raise OSError(f"prepare-data worker {j} of {n} ended with status {p.exitcode}; the finished shards are "
+                          "kept: rerun the same command to resume")
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    """Run `boomerang prepare-data`."""
+    """Run `boomerang prepare-data`: this machine's share (--shard-of) of the work shards in --workers processes;
+    the process that finds every shard done (or `--finish`) writes the dataset."""
     t0 = time.perf_counter()
     refuse_replacing_inputs(args.out, [*args.source, args.tokenizer, args.data_dir])
-    tokenizer = load_tokenizer(args.tokenizer)
-    encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
-    docs = read_documents(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
-                       split=args.source_split, data_dir=args.data_dir)
-    meta = prepare_dataset(
-        docs, encoder, args.out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
-        shard_tokens=args.shard_tokens, max_docs=args.max_docs, overwrite=args.overwrite,
-        source={"spec": list(args.source), "text_field": args.text_field, "paragraphs": args.paragraphs,
-                "source_split": args.source_split, "tokenizer": str(args.tokenizer)},
-    )
+    index, count = _shard_of(args.shard_of)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.finish:
+        meta = _prepare(args, (index, count), read=False, finish=True, strict=True)
+    elif args.workers == 1:
+        meta = _prepare(args, (index, count), read=True, finish=True)
+    else:
+        try:
+            _run_workers(args, index, count)
+        except ValueError:  # a broken source fails every worker alike: its build goes, as in one process
+            storage.rmtree(build_path(args.out, _encoder(args)[2]))
+            raise
+        meta = _prepare(args, (index, count), read=False, finish=True, strict=count == 1)
+    if meta is None:
+        print(f"share {index}/{count} of the work shards done; the dataset is written when all are done "
+              f"(`boomerang prepare-data ... --finish` checks)")
+        return 0
     tok = meta.tokenizer
     print(f"tokenizer  {args.tokenizer} (vocab {tok['vocab_size']}, EOS {tok['eos_token']!r}={tok['eos_id']}, "
           f"BOS {tok['bos_token']!r}), stored as {np.dtype(meta.dtype).name}")

@@ -1,114 +1,25 @@
-"""Prepared datasets: a document source tokenised into ArrayRecord shards of token ids (`boomerang prepare-data`).
-
-Layout of a prepared dataset directory (local or gs://, through infra.storage):
-  metadata.json                    format, tokenizer (vocab, EOS/BOS ids), dtype, per-split shard list;
-                                   written last, so a directory without it is incomplete
-  <split>-00000.array_record ...   one record per document: its token ids as raw little-endian `dtype`
+"""Prepared datasets: a document source tokenised into ArrayRecord shards of token ids (`boomerang prepare-data`),
+in work shards that several processes or machines share and a rerun resumes (data.shards); the files'
+format is in data.records.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 import sys
-import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
+from boomerang_jax.data import shards
+from boomerang_jax.data.records import FORMAT, METADATA, SHARD_SUFFIX, WRITER_OPTIONS, Metadata, token_dtype
+from boomerang_jax.infra import storage
 
-from boomerang_jax.infra import publish, storage
-
-FORMAT = "boomerang-tokens/1"
-METADATA = "metadata.json"
-SHARD_SUFFIX = ".array_record"
-WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for global shuffling
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest dtype that holds every token id: uint16 up to 65536 tokens, else int32."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
-
-
-@dataclasses.dataclass
-class Metadata:
-    """What `metadata.json` records about a prepared dataset."""
-
-    dtype: str
-    tokenizer: dict[str, Any]
-    splits: dict[str, dict[str, Any]]
-    source: Any = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    format: str = FORMAT
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def load(cls, path: str) -> "Metadata":
-        """Read `<path>/metadata.json`, with clear errors for incomplete or foreign directories."""
-        meta_path = storage.join(path, METADATA)
-        if not storage.exists(meta_path):
-            raise FileNotFoundError(
-                f"{meta_path} not found: {path!r} is not a prepared dataset (or preparation did not finish); "
-                "create one with `boomerang prepare-data`"
-            )
-        try:
-            raw = json.loads(storage.read_text(meta_path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: invalid JSON ({e.msg})") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object (a prepared dataset's metadata), "
-                             f"got {type(raw).__name__}")
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in fields})
-
-    def shard_paths(self, root: str, split: str) -> list[str]:
-        if split not in self.splits:
-            raise ValueError(f"split {split!r} not in the prepared dataset at {root} (have {sorted(self.splits)})")
-        return [storage.join(root, s["file"]) for s in self.splits[split]["shards"]]
-
-
-class _ShardWriter:
-    """Writes one split's documents into size-capped ArrayRecord shards."""
-
-    def __init__(self, local_dir: str, split: str, dtype: np.dtype, shard_tokens: int):
-        self.local_dir, self.split, self.dtype, self.shard_tokens = local_dir, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self._writer = None
-
-    def _open(self) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        fname = f"{self.split}-{len(self.shards):05d}{SHARD_SUFFIX}"
-        self._writer = ArrayRecordWriter(storage.join(self.local_dir, fname), WRITER_OPTIONS)
-        self.shards.append({"file": fname, "num_docs": 0, "num_tokens": 0})
-
-    def write(self, ids: np.ndarray) -> None:
-        if self._writer is None or self.shards[-1]["num_tokens"] >= self.shard_tokens:
-            self.close()
-            self._open()
-        self._writer.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
-        self.shards[-1]["num_docs"] += 1
-        self.shards[-1]["num_tokens"] += int(len(ids))
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "shards": self.shards,
-            "num_docs": sum(s["num_docs"] for s in self.shards),
-            "num_tokens": sum(s["num_tokens"] for s in self.shards),
-        }
+__all__ = ["FORMAT", "METADATA", "SHARD_SUFFIX", "WRITER_OPTIONS", "Metadata", "prepare_dataset", "token_dtype"]
 
 
 def prepare_dataset(
-    docs: Iterable[str],
+    docs: Iterable[str] | None,
     encoder: Any,
     out_dir: str,
     *,
@@ -123,64 +34,59 @@ def prepare_dataset(
     source: Any = None,
     log_every_s: float = 30.0,
     log: Any = None,
-) -> Metadata:
+    shard_docs: int | None = None,
+    resume_key: str | None = None,
+    shard_of: tuple[int, int] = (0, 1),
+    finish: bool = True,
+    strict: bool = False,
+) -> Metadata | None:
     """Tokenise `docs` with a DocumentEncoder and write them as shards + metadata.json under `out_dir`.
 
     Empty (whitespace-only) documents are skipped. With `val_fraction` > 0 each document goes to
     `val_split` with that probability (a seeded draw per document, so the split is reproducible).
+
+    Resumable and parallel (see data.shards): the stream is cut into work shards of `shard_docs` documents
+    (None: one), of which this process takes those k with k % count == index (`shard_of=(index, count)`),
+    built in `.NAME.partial-build-<resume_key>` beside `out_dir`: a rerun with the same key skips the shards
+    already published there. Without a key the build is private to this call and deleted if it fails. With
+    `finish`, the process that finds every shard done writes the dataset (None when some are not done; with
+    `strict`, an error naming them). `docs=None` only finishes. Returns the metadata, or None.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction > 0 and val_split == split:
         raise ValueError(f"the validation split needs a name other than {split!r}")
+    index, count = shard_of
+    if not 0 <= index < count:
+        raise ValueError(f"shard_of: index {index} not in [0, count={count})")
+    if shard_docs is not None and shard_docs < 1:
+        raise ValueError(f"shard_docs must be >= 1, got {shard_docs}")
     meta_path = storage.join(out_dir, METADATA)
     if storage.exists(meta_path) and not overwrite:
         raise FileExistsError(f"{meta_path} exists; pass overwrite=True (--overwrite) to replace the dataset")
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    dtype = token_dtype(encoder.vocab_size)
-    rng = np.random.default_rng(seed)
-    n_docs = n_skipped = n_tokens = 0
-    t0 = last = time.perf_counter()
-
-    def texts() -> Iterable[str]:
-        nonlocal n_docs, n_skipped
-        for text in docs:
-            if max_docs is not None and n_docs >= max_docs:
-                return
-            if not text or not text.strip():
-                n_skipped += 1
-                continue
-            n_docs += 1
-            yield text
-
-    # built beside the destination (or in local staging for a bucket) and published only when complete, so a
-    # source that fails half-way (bad UTF-8, a missing file) leaves an existing dataset exactly as it was
     empty = not storage.is_remote(out_dir) and Path(out_dir).is_dir() and not any(Path(out_dir).iterdir())
-    with publish.publish_dir(out_dir, marker=METADATA, overwrite=overwrite or empty) as pub:
-        local = str(pub.path)
-        writers = {split: _ShardWriter(local, split, dtype, shard_tokens)}
-        if val_fraction > 0:
-            writers[val_split] = _ShardWriter(local, val_split, dtype, shard_tokens)
-        try:
-            for ids in encoder.encode_stream(texts(), batch_size=batch_size):
-                to_val = val_fraction > 0 and rng.random() < val_fraction
-                writers[val_split if to_val else split].write(ids)
-                n_tokens += len(ids)
-                now = time.perf_counter()
-                if now - last > log_every_s:
-                    last = now
-                    log(f"  {n_docs} documents, {n_tokens / 1e6:.1f}M tokens, {n_tokens / (now - t0) / 1e3:.0f}k tok/s")
-        finally:
-            for w in writers.values():
-                w.close()
-        if n_docs == 0:
-            raise ValueError(f"the source yielded no non-empty documents ({n_skipped} empty ones skipped)")
-        meta = Metadata(
-            dtype=dtype.str,
-            tokenizer=encoder.describe(),
-            splits={name: w.summary() for name, w in writers.items()},
-            source=source,
-            options={"val_fraction": val_fraction, "seed": seed, "skipped_empty_docs": n_skipped},
-        )
-        storage.write_text_atomic(storage.join(local, METADATA), meta.to_json())
-    return meta
+    if not storage.is_remote(out_dir) and Path(out_dir).exists() and not (overwrite or empty):
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if storage.is_remote(out_dir) and not storage.split_url(str(out_dir))[2]:
+        raise ValueError(f"{out_dir}: a prepared dataset goes into a directory of the bucket, not its root")
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg = shards.BuildConfig(split=split, val_split=val_split, val_fraction=val_fraction, seed=seed,
+                             shard_tokens=shard_tokens, max_docs=max_docs, piece_docs=shard_docs,
+                             batch_size=batch_size, index=index, count=count)
+    build = shards.build_path(out_dir, resume_key or f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        if docs is not None:
+            shards.build_pieces(docs, encoder, build, cfg, log, log_every_s)
+        if not finish:
+            return None
+        return shards.finish_build(build, out_dir, cfg, tokenizer=encoder.describe(),
+                                   dtype=token_dtype(encoder.vocab_size).str, source=source,
+                                   overwrite=overwrite or empty, strict=strict, log=log)
+    except BaseException as e:
+        # a source that fails half-way (bad UTF-8, a missing file) would fail the same way again: its build goes
+        # (an existing dataset stays exactly as it was); an interruption or an I/O error keeps a keyed build
+        if resume_key is None or (isinstance(e, ValueError) and not isinstance(e, shards.IncompleteBuild)):
+            storage.rmtree(build)
+        elif storage.exists(build):
+            log(f"the finished shards are kept in {build}: rerun the same command to resume")
+        raise
