@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from boomerang_jax.models.config import ModelConfig
-from boomerang_jax.models.suffix import embed_tokens, suffix_forward
+from boomerang_jax.models.suffix import embed_tokens, final_norm, run_layers
 from boomerang_jax.models.transformer import forward, init_params
 from boomerang_jax.surgery import LayerPlan, prune
 from boomerang_jax.surgery import orders
@@ -68,17 +68,29 @@ def _batches(vocab: int) -> list[dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("name", ["llama-tied", "qwen3-untied"])
-def test_suffix_from_a_hidden_state_gives_the_whole_forward(name):
+def test_layers_run_from_a_hidden_state_give_the_whole_forward(name):
     config, params = _teacher(name)
     b = {k: jnp.asarray(v) for k, v in _batch(config.vocab_size, 3, 16, [9, 5, 12, 3, 10], seed=3).items()}
+    wanted = (0, 3, 5, 7)
     whole = forward(params, config, b["tokens"], segment_ids=b["segment_ids"], positions=b["positions"],
-                    hidden_indices=(0, 3, 7), return_logits=False, hidden_buffer=True)
-    np.testing.assert_allclose(embed_tokens(params, config, b["tokens"]), whole.hidden_states[0], rtol=0, atol=0)
-    for start, h in zip((0, 3, 7), whole.hidden_states):
-        layers = jax.tree.map(lambda x: x[start:], params["layers"])
-        final = suffix_forward(layers, params["final_norm"], config.replace(num_layers=config.num_layers - start),
-                               h, segment_ids=b["segment_ids"], positions=b["positions"])
-        np.testing.assert_allclose(final, whole.final_hidden, rtol=1e-5, atol=1e-5)
+                    hidden_indices=wanted, return_logits=False, hidden_buffer=True)
+    np.testing.assert_array_equal(embed_tokens(params, config, b["tokens"]), whole.hidden_states[0])
+    run = jax.jit(run_layers, static_argnames=("config", "num_slots"))  # one program for every start and count
+    programs = run._cache_size()  # jit's cache is per function, shared with the other parametrisations
+    n = config.num_layers
+    for start, h in zip(wanted, whole.hidden_states):
+        ids = jnp.asarray(list(range(start, n)) + [0] * start, jnp.int32)  # padded: only `count` are run
+        out, _ = run(params["layers"], ids, n - start, config, h, segment_ids=b["segment_ids"],
+                     positions=b["positions"])
+        np.testing.assert_allclose(final_norm(params["final_norm"], config, out), whole.final_hidden,
+                                   rtol=1e-5, atol=1e-5)
+    # the outputs of chosen layers, written into a buffer's slots (slot 2 is scratch)
+    slots = jnp.asarray([2, 2, 0, 2, 1, 2, 2, 2], jnp.int32)  # layer 2 -> slot 0 (HF index 3), layer 4 -> slot 1
+    _, buf = run(params["layers"], jnp.arange(n, dtype=jnp.int32), 5, config, whole.hidden_states[0],
+                 segment_ids=b["segment_ids"], positions=b["positions"], slots=slots, num_slots=2)
+    np.testing.assert_allclose(buf[0], whole.hidden_states[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(buf[1], whole.hidden_states[2], rtol=1e-5, atol=1e-5)
+    assert run._cache_size() - programs == 2  # with and without slots
 
 
 @pytest.mark.parametrize("name,knobs,cache", [
@@ -115,21 +127,13 @@ def test_fast_kl_greedy_order_chooses_what_scoring_whole_models_chooses(name, kn
             assert fast[c] == pytest.approx(whole[c], rel=REL, abs=ABS)
 
 
-def test_candidates_with_suffixes_of_one_length_share_one_compiled_program(monkeypatch):
+def test_every_candidate_of_every_step_runs_in_one_compiled_program():
     teacher = _teacher("llama-tied", seed=2, num_layers=12)  # 5 multi-layer blocks: 14 candidates in 4 steps
     plan = LayerPlan.from_knobs(12, every=2, first=1, last=2)
     student = _student(teacher, plan, seed=3)
     batches = [_batch(teacher[0].vocab_size, 2, 20, [11, 6, 13], seed=5)]  # a shape no other test uses
-    traced: list[int] = []
-    real = orders.suffix_forward
-
-    def counting(layers, final_norm, config, hidden, **kw):
-        traced.append(config.num_layers)  # runs only when _suffix_kl_sums is traced
-        return real(layers, final_norm, config, hidden, **kw)
-
-    monkeypatch.setattr(orders, "suffix_forward", counting)
-    before = orders._suffix_kl_sums._cache_size()
+    before = orders._suffix_kl_sums._cache_size(), orders._prefix_states._cache_size()
     order, steps = orders.kl_greedy_order(student, teacher, plan, batches, chunk=8)
-    scored = sum(len(plan.multi_layer_blocks) - k for k in range(len(steps)))  # candidates over all steps
-    assert len(traced) == len(set(traced)) == orders._suffix_kl_sums._cache_size() - before
-    assert len(traced) < scored
+    assert len(steps) == 4
+    after = orders._suffix_kl_sums._cache_size(), orders._prefix_states._cache_size()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)

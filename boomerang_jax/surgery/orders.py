@@ -3,8 +3,11 @@
 `kl_greedy_order` (the demo's default, `kl-greedy`) is KLPatch ("Understanding Layer Patching in Model Size
 Interpolation", 2026): starting from the student, patch at each step the block whose patching brings the model
 closest to the teacher, measured by KL(teacher || model) per token on calibration text (K(K+1)/2 - 1 scored
-models). Each step is chosen given the blocks already patched; a one-shot score ranks every block once, in
-the context of the whole teacher, and after a short distillation that ranks well only near the teacher
+models). A candidate differs from the model of the previous step only from the first layer it changes: the
+layers before it run once per step, each candidate runs only the rest (`models.suffix`, one compiled program for
+every candidate), against the teacher's distribution per token computed once (when it fits
+TEACHER_CACHE_BYTES). Each step is chosen given the blocks already patched; a one-shot score ranks every block
+once, in the context of the whole teacher, and after a short distillation that ranks well only near the teacher
 (measurements in docs/DECISIONS.md).
 
 The paper patches in a fixed order (last-to-first or first-to-last). After a short distillation the student
@@ -28,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from boomerang_jax.models.batch import BATCH_KEYS
+from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.logits import chunk_layout, chunk_logits, chunked_ce_kl, to_chunks
 from boomerang_jax.models.nll import mean_nll
-from boomerang_jax.models.suffix import embed_tokens, suffix_forward
+from boomerang_jax.models.suffix import embed_tokens, final_norm, run_layers
 from boomerang_jax.models.transformer import forward, head_kernel
-from boomerang_jax.surgery import (STUDENT, TEACHER, LayerPlan, Model, check_compatible, interpolate,
-                                   interpolated_config, layout, patch_sequence, patched_first)
+from boomerang_jax.surgery import (STUDENT, TEACHER, LayerPlan, Layout, Model, SurgeryError, check_compatible,
+                                   interpolate, interpolated_config, layout, patch_sequence, patched_first)
 
 BY_LOSS = "by-loss"
 KL_GREEDY = "kl-greedy"
@@ -86,11 +90,13 @@ def _final_hidden(params: Any, config: Any, batch: Mapping[str, jax.Array]) -> j
                    return_logits=False).final_hidden
 
 
-@functools.partial(jax.jit, static_argnames=("config", "indices"))
-def _hidden_states(params: Any, config: Any, batch: Mapping[str, jax.Array], indices: tuple[int, ...]
-                   ) -> tuple[jax.Array, ...]:
-    return forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   hidden_indices=indices, return_logits=False, hidden_buffer=True).hidden_states
+@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+def _prefix_states(stack: Any, layer_ids: jax.Array, count: jax.Array, slots: jax.Array, hidden: jax.Array,
+                   batch: Mapping[str, jax.Array], config: Any, num_slots: int) -> jax.Array:
+    """The outputs of chosen layers (see `run_layers`) of a model run from its embedding output `hidden`."""
+    _, buf = run_layers(stack, layer_ids, count, config, hidden, segment_ids=batch["segment_ids"],
+                        positions=batch["positions"], slots=slots, num_slots=num_slots)
+    return buf
 
 
 _embed = jax.jit(embed_tokens, static_argnames=("config",))
@@ -137,14 +143,15 @@ def _ce_kl_to_cached(final: jax.Array, head: jax.Array, p_t: jax.Array, neg_entr
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
-def _suffix_kl_sums(stack: Any, layer_ids: jax.Array, final_norm: Any, head: jax.Array, hidden: jax.Array,
-                    batch: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], config: Any, chunk: int
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`_kl_sums` of a model that runs `layer_ids` of `stack` (student layers, then teacher layers) from `hidden`
-    (the input of its first layer): one program per suffix length and batch shape, whichever layers they are."""
-    layers = jax.tree.map(lambda x: jnp.take(x, layer_ids, axis=0), stack)
-    final = suffix_forward(layers, final_norm, config, hidden, segment_ids=batch["segment_ids"],
-                           positions=batch["positions"])
+def _suffix_kl_sums(stack: Any, layer_ids: jax.Array, count: jax.Array, norm: Any, head: jax.Array,
+                    hidden: jax.Array, batch: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], config: Any,
+                    chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_kl_sums` of a model whose layers from some point on are `layer_ids[:count]` of `stack` (student layers,
+    then teacher layers), run from `hidden` (the input of the first of them), with final norm `norm` and LM
+    head `head`: one program for every such model of one architecture and batch shape."""
+    h, _ = run_layers(stack, layer_ids, count, config, hidden, segment_ids=batch["segment_ids"],
+                      positions=batch["positions"])
+    final = final_norm(norm, config, h)
     mask = batch["loss_mask"].astype(jnp.float32)
     if "p" in teacher:
         nll, kl = _ce_kl_to_cached(final, head, teacher["p"], teacher["neg_entropy"], batch["targets"], mask, chunk)
@@ -190,8 +197,14 @@ class _SuffixScorer:
     def __init__(self, student: Model, teacher: Model, plan: LayerPlan, batches: list[dict[str, jax.Array]],
                  chunk: int, teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> None:
         self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
-        self.stack = jax.tree.map(lambda s, t: jnp.concatenate([s, t]), student.params["layers"],
-                                  teacher.params["layers"])
+
+        def concat(path: Any, s: jax.Array, t: jax.Array) -> jax.Array:
+            if s.dtype != t.dtype:
+                raise SurgeryError(f"layers{jax.tree_util.keystr(path)} is {s.dtype} in the student but {t.dtype} "
+                                   "in the teacher; load both in the same dtype")
+            return jnp.concatenate([s, t])
+
+        self.stack = jax.tree.map_with_path(concat, student.params["layers"], teacher.params["layers"])
         self.models = {STUDENT: student, TEACHER: teacher}
         self.heads = {k: (m.params["final_norm"], head_kernel(m.params, m.config)) for k, m in self.models.items()}
         t_head = self.heads[TEACHER][1]
@@ -211,34 +224,47 @@ class _SuffixScorer:
             self._embedded[source] = [_embed(m.params, m.config, b["tokens"]) for b in self.batches]
         return self._embedded[source]
 
+    def _ids(self, lay: Layout, start: int) -> tuple[jax.Array, jax.Array, ModelConfig]:
+        """Stack indices of the layout's layers from `start` on (padded to the teacher's depth), their count, and
+        the architecture's config as every program of this scorer gets it."""
+        m, n = self.plan.num_student_layers, self.plan.num_teacher_layers
+        ids = [j if src == STUDENT else m + j for src, j in lay.layers[start:]]
+        config = interpolated_config(self.student.config, self.teacher.config, lay)
+        return (jnp.asarray(ids + [0] * (n - len(ids)), jnp.int32), jnp.asarray(len(ids), jnp.int32),
+                config.replace(num_layers=n, tie_word_embeddings=False))
+
     def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
         """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
         plan, s, t = self.plan, self.student, self.teacher
-        current = patched_first(plan, chosen)
         tied = dict(student_tied=s.config.tie_word_embeddings, teacher_tied=t.config.tie_word_embeddings)
+        current = layout(plan, patched_first(plan, chosen), **tied)
         jobs = []
         for c in candidates:
             lay = layout(plan, patched_first(plan, chosen + [c]), **tied)
-            first = min(set(lay.patched) - current)  # the first student layer that differs from the current model
-            start = sum(len(plan.blocks[i]) if i in current else 1 for i in range(first))
-            ids = [j if src == STUDENT else plan.num_student_layers + j for src, j in lay.layers[start:]]
-            config = interpolated_config(s.config, t.config, lay).replace(num_layers=len(ids),
-                                                                           tie_word_embeddings=False)
-            jobs.append((c, start, jnp.asarray(ids, jnp.int32), config, lay))
-        inner = tuple(sorted({start for _, start, *_ in jobs if start > 0}))
-        hidden: dict[int, list[jax.Array]] = {i: [] for i in inner}
+            first = min(set(lay.patched) - set(current.patched))  # the first student layer that changes
+            start = sum(len(plan.blocks[i]) if i in current.patched else 1 for i in range(first))
+            jobs.append((c, start, lay))
+        # the current model's hidden states where candidates start (HF index i: the output of its layer i - 1)
+        inner = sorted({start for _, start, _ in jobs if start > 0})
+        hidden: dict[int, list[jax.Array]] = {}
         if inner:
-            model = interpolate(s, t, plan, current)
-            for b in self.batches:
-                for i, h in zip(inner, _hidden_states(model.params, model.config, b, inner)):
-                    hidden[i].append(h)
+            num_slots = len(plan.multi_layer_blocks)  # at least the candidates: one program for every step
+            slot_of = {i - 1: k for k, i in enumerate(inner)}
+            slots = jnp.asarray([slot_of.get(layer, num_slots) for layer in range(plan.num_teacher_layers)],
+                                jnp.int32)
+            ids, _, config = self._ids(current, 0)
+            count = jnp.asarray(inner[-1], jnp.int32)  # no layer after the last wanted output
+            bufs = [_prefix_states(self.stack, ids, count, slots, h, b, config, num_slots)
+                    for b, h in zip(self.batches, self._embedding(current.embedding))]
+            hidden = {i: [buf[k] for buf in bufs] for k, i in enumerate(inner)}
         scores = {}
-        for c, start, ids, config, lay in jobs:
+        for c, start, lay in jobs:
             inputs = hidden[start] if start else self._embedding(lay.embedding)
-            final_norm, head = self.heads[lay.head]
+            ids, count, config = self._ids(lay, start)
+            norm, head = self.heads[lay.head]
             sums = np.zeros(3)
             for b, h, target in zip(self.batches, inputs, self.targets):
-                sums += [float(x) for x in _suffix_kl_sums(self.stack, ids, final_norm, head, h, b, target,
+                sums += [float(x) for x in _suffix_kl_sums(self.stack, ids, count, norm, head, h, b, target,
                                                            config, self.chunk)]
             scores[c] = _means(sums)
         return scores
