@@ -6,7 +6,8 @@ exactly (same tokenisation, BOS/EOS prefix, left truncation to `max_length`, rol
 so the scores equal `--model hf` on the exported size up to float rounding (tests/test_lm_backend.py).
 
 Loglikelihoods run in fixed-size batches right-padded to power-of-two lengths (at least 16, at most
-`max_length`): one compiled program per length bucket, whatever the number of requests. Rows are split over
+`max_length`): one compiled program per length bucket, whatever the number of requests. Requests that differ
+only in their last token (one-token choices) share a row, as the `hf` model's logits cache does. Rows are split over
 the local devices (data parallel; params replicated). Greedy generation calls models.generate on prompts of one
 length per call (its decoding has no padding mask), rows padded to the batch size, so programs are one per
 distinct prompt length of a task. `compiles` counts XLA compilations of the whole process since the model was
@@ -72,10 +73,12 @@ def bucket(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "chunk"))
-def score_rows(params: Any, tokens: jax.Array, targets: jax.Array, mask: jax.Array, *, config: Any, dtype: Any,
-               chunk: int = 64) -> tuple[jax.Array, jax.Array]:
-    """Per row: the sum of log p(targets) over `mask` (float32 [B]) and whether every masked target is the argmax
-    ([B] bool). Logits are made one chunk of positions at a time (never [B, T, V])."""
+def score_rows(params: Any, tokens: jax.Array, targets: jax.Array, mask: jax.Array, last: jax.Array, *,
+               config: Any, dtype: Any, chunk: int = 64) -> tuple[jax.Array, ...]:
+    """Per row: the sum of log p(targets) over `mask` (float32 [B]), whether every masked target is the argmax
+    ([B] bool), and at position `last` [B] the log-softmax over the vocabulary [B, V] and its argmax [B] (rows
+    whose requests differ only in their last token share one row). Logits are made one chunk of positions at a
+    time (never [B, T, V])."""
     out = forward(params, config, tokens, return_logits=False, dtype=dtype)
     head = head_kernel(params, config).astype(jnp.float32)
     t = tokens.shape[1]
@@ -91,7 +94,10 @@ def score_rows(params: Any, tokens: jax.Array, targets: jax.Array, mask: jax.Arr
                                                   to_chunks(targets, c, n, pad)))
     logp, greedy = from_chunks(logp, t), from_chunks(greedy, t)
     keep = mask.astype(bool)
-    return jnp.sum(jnp.where(keep, logp, 0.0), axis=-1), jnp.all(greedy | ~keep, axis=-1)
+    final = jnp.take_along_axis(out.final_hidden, last[:, None, None], axis=1)  # [B, 1, D]
+    last_logits = chunk_logits(final, head)[:, 0]
+    return (jnp.sum(jnp.where(keep, logp, 0.0), axis=-1), jnp.all(greedy | ~keep, axis=-1),
+            jax.nn.log_softmax(last_logits, axis=-1), jnp.argmax(last_logits, axis=-1))
 
 
 def _opt_int(v: Any) -> int | None:
@@ -227,30 +233,35 @@ class BoomerangLM(TemplateLM):
     def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), continuation is greedy) for token pairs, truncated from the left to
         max_length as the `hf` model does; batched by length bucket, longest first."""
-        inputs = []
-        for ctx, cont in pairs:
+        inputs, groups = [], {}
+        for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont or len(cont) > self.max_length:
                 raise ValueError("loglikelihood requests need a context and a continuation of 1..max_length tokens")
             inputs.append((ctx + cont)[-(self.max_length + 1):])
-        order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+            # requests that differ only in their last token (e.g. one-token choices) share a row, as `hf` does
+            groups.setdefault((tuple(inputs[-1][:-1]), len(cont)), []).append(i)
+        keys = sorted(groups, key=lambda key: -len(key[0]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        for start in range(0, len(order), self.batch):
-            idx = order[start:start + self.batch]
-            t = bucket(len(inputs[idx[0]]) - 1, self.max_length)
-            tokens = np.zeros((self.batch, t), np.int32)
-            targets = np.zeros((self.batch, t), np.int32)
-            mask = np.zeros((self.batch, t), np.int32)
-            for r, i in enumerate(idx):
-                seq, n_cont = inputs[i], len(pairs[i][1])
+        for start in range(0, len(keys), self.batch):
+            batch = keys[start:start + self.batch]
+            t = bucket(len(batch[0][0]), self.max_length)
+            tokens, targets, mask = (np.zeros((self.batch, t), np.int32) for _ in range(3))
+            last = np.zeros((self.batch,), np.int32)
+            for r, (prefix, n_cont) in enumerate(batch):
+                seq = inputs[groups[(prefix, n_cont)][0]]
                 n = len(seq) - 1
                 tokens[r, :n], targets[r, :n] = seq[:-1], seq[1:]
-                mask[r, n - n_cont:n] = 1
+                mask[r, n - n_cont:n - 1] = 1  # every continuation token but the last, which is per request
+                last[r] = n - 1
             self.programs.add(("score", self.batch, t))
-            logp, greedy = score_rows(self.params, *(jax.device_put(a, self.rows) for a in (tokens, targets, mask)),
-                                      config=self.config, dtype=self.dtype)
-            logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
-            for r, i in enumerate(idx):
-                out[i] = (float(logp[r]), bool(greedy[r]))
+            arrays = (jax.device_put(a, self.rows) for a in (tokens, targets, mask, last))
+            logp, greedy, last_logp, last_argmax = (np.asarray(a) for a in score_rows(
+                self.params, *arrays, config=self.config, dtype=self.dtype))
+            for r, key in enumerate(batch):
+                for i in groups[key]:
+                    tgt = inputs[i][-1]
+                    out[i] = (float(np.float64(logp[r]) + np.float64(last_logp[r, tgt])),
+                              bool(greedy[r]) and int(last_argmax[r]) == tgt)
         return out
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
