@@ -200,3 +200,16 @@ def test_a_killed_run_keeps_whole_rows_and_a_rerun_does_only_what_is_left(family
     assert _lm_eval(family / "compact", *args) == 0 and calls == []  # everything done
     assert _lm_eval(family / "compact", *args[:-2]) == 0 and len(calls) == 6  # other settings: run again
     assert "fam_cloze/acc" in _csv(out)["k0-4L"]
+
+
+def test_hf_backend_on_a_compact_family_materialises_each_size_to_a_temporary_directory(family, tmp_path):
+    """`--backend hf` on a compact family: each size is written to a temporary directory for the harness's `hf`
+    model and removed after; the scores equal the full export's."""
+    before = sorted(p.relative_to(family / "compact") for p in (family / "compact").rglob("*"))
+    tasks = ("--tasks", "fam_ppl", "--include-path", family / "tasks", "--backend", "hf", "--limit", 2)
+    assert _lm_eval(family / "compact", *tasks, "--results-csv", tmp_path / "c.csv") == 0
+    assert _lm_eval(family / "full", *tasks, "--results-csv", tmp_path / "f.csv") == 0
+    assert sorted(p.relative_to(family / "compact") for p in (family / "compact").rglob("*")) == before
+    c, f = _csv(tmp_path / "c.csv"), _csv(tmp_path / "f.csv")
+    assert list(c) == list(f) and len(c) == 3
+    assert [c[d]["fam_ppl/word_perplexity"] for d in c] == [f[d]["fam_ppl/word_perplexity"] for d in f]

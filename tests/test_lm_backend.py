@@ -122,23 +122,26 @@ def test_buckets_are_powers_of_two_within_max_length():
 
 
 def test_rows_split_over_local_devices_give_the_same_scores(tasks, tmp_path):
-    """Data parallel: on 2 forced CPU devices (a subprocess) the scores equal one device's."""
+    """Data parallel: on 2 forced CPU devices (a subprocess) the scores and generations equal one device's."""
     d = tiny_dir(tmp_path, "llama-mha-untied-bias-headdim", seed=3)
     script = textwrap.dedent(f"""
         import json, jax
         from boomerang_jax.eval.harness import harness_output
         from boomerang_jax.eval.lm_backend import BoomerangLM
+        TASKS = {TASKS!r}
         lm = BoomerangLM(pretrained={str(d)!r}, batch_size=3, max_length={MAX_LENGTH})
-        out = harness_output(lm, ["bm_cloze", "bm_ppl"], include_path={str(tasks)!r}, log_samples=True)
+        out = harness_output(lm, TASKS, include_path={str(tasks)!r}, log_samples=True)
         print("RESULT", json.dumps([len(jax.devices()), lm.batch, out["samples"]["bm_ppl"][0]["filtered_resps"],
-                                    out["results"]["bm_cloze"]["acc,none"]]))
+                                    out["results"]["bm_cloze"]["acc,none"],
+                                    [s["filtered_resps"] for s in out["samples"]["bm_gen"]]]))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    n_dev, batch, ppl, acc = json.loads(proc.stdout.split("RESULT", 1)[1])
+    n_dev, batch, ppl, acc, gen = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert n_dev == 2 and batch == 4  # 3 rows rounded up to a multiple of the devices
     lm = BoomerangLM(pretrained=str(d), batch_size=3, max_length=MAX_LENGTH)
-    out = harness_output(lm, ["bm_cloze", "bm_ppl"], include_path=tasks, log_samples=True)
+    out = harness_output(lm, TASKS, include_path=tasks, log_samples=True)
     assert abs(out["samples"]["bm_ppl"][0]["filtered_resps"][0] - ppl[0]) < LL_TOL
     assert out["results"]["bm_cloze"]["acc,none"] == acc
+    assert [s["filtered_resps"] for s in out["samples"]["bm_gen"]] == gen
