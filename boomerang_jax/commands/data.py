@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from boomerang_jax.data.prepare import FORMAT, prepare_dataset
+from boomerang_jax.data.prepare import FORMAT, Metadata, prepare_dataset
 from boomerang_jax.data.documents import expand_paths, read_documents
 from boomerang_jax.data.shards import build_path, settings_key
 from boomerang_jax.data.teacher_text import write_teacher_text
@@ -78,7 +78,8 @@ def _build_key(args: argparse.Namespace, encoder: DocumentEncoder, source: dict[
     vocab = backend.to_str() if backend is not None else json.dumps(encoder.tokenizer.get_vocab(), sort_keys=True)
     return settings_key({
         "format": FORMAT, "source": source, "data_dir": args.data_dir, "files": _source_files(args),
-        "tokenizer": encoder.describe(), "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+        "tokenizer": {k: v for k, v in encoder.describe().items() if k != "name_or_path"},
+        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
         "split": args.split, "val_fraction": args.val_fraction, "seed": args.seed, "shard_tokens": args.shard_tokens,
         "max_docs": args.max_docs, "shard_docs": args.shard_docs})
 
@@ -86,6 +87,8 @@ def _build_key(args: argparse.Namespace, encoder: DocumentEncoder, source: dict[
 def _encoder(args: argparse.Namespace) -> tuple[DocumentEncoder, dict[str, Any], str]:
     """The encoder, the metadata's `source` and the build key of these arguments."""
     tokenizer = load_tokenizer(args.tokenizer)
+    if str(args.tokenizer) == EMBEDDED_TEACHER or str(args.tokenizer).endswith(".gguf"):
+        tokenizer.name_or_path = str(args.tokenizer)  # not the temp dir it was read from: the same in every process
     encoder = DocumentEncoder.create(tokenizer, add_bos=args.add_bos, eos_token=args.eos_token)
     source = {"spec": list(args.source), "text_field": args.text_field, "paragraphs": args.paragraphs,
               "source_split": args.source_split, "tokenizer": str(args.tokenizer)}
@@ -93,9 +96,11 @@ def _encoder(args: argparse.Namespace) -> tuple[DocumentEncoder, dict[str, Any],
 
 
 def _prepare(args: argparse.Namespace, shard_of: tuple[int, int], *, read: bool, finish: bool,
-             strict: bool = False) -> Any:
-    """One process's part of `prepare-data` (this one, or a --workers child)."""
+             strict: bool = False, info: dict[str, Any] | None = None) -> Any:
+    """One process's part of `prepare-data` (this one, or a --workers child); `info` gets the build key."""
     encoder, source, key = _encoder(args)
+    if info is not None:
+        info["key"] = key
     docs = read_documents(args.source, text_field=args.text_field, paragraphs=args.paragraphs,
                           split=args.source_split, data_dir=args.data_dir) if read else None
     return prepare_dataset(
@@ -104,19 +109,23 @@ def _prepare(args: argparse.Namespace, shard_of: tuple[int, int], *, read: bool,
         shard_docs=args.shard_docs, resume_key=key, shard_of=shard_of, finish=finish, strict=strict)
 
 
-def _worker(arguments: dict[str, Any], shard_of: tuple[int, int], error_file: str) -> None:
-    """A --workers child: its share of the work shards; a failure is written to `error_file` as JSON."""
+def _worker(arguments: dict[str, Any], shard_of: tuple[int, int], result_file: str) -> None:
+    """A --workers child: its share of the work shards, finishing the dataset if it finds all done; writes what
+    happened (finished or not, or the error) to `result_file` as JSON."""
+    info: dict[str, Any] = {}
     try:
-        _prepare(argparse.Namespace(**arguments), shard_of, read=True, finish=False)
+        info["finished"] = _prepare(argparse.Namespace(**arguments), shard_of, read=True, finish=True,
+                                    info=info) is not None
     except BaseException as e:
-        Path(error_file).write_text(json.dumps({"type": type(e).__name__, "value_error": isinstance(e, ValueError),
-                                                "message": str(e)}))
+        info.update(error=type(e).__name__, value_error=isinstance(e, ValueError), message=str(e))
+    Path(result_file).write_text(json.dumps(info))
+    if "error" in info:
         raise SystemExit(1)
 
 
-def _run_workers(args: argparse.Namespace, index: int, count: int) -> None:
+def _run_workers(args: argparse.Namespace, index: int, count: int) -> bool:
     """Share I of N split among --workers processes on this machine (spawned: each loads its own tokenizer and
-    reads the source; only plain arguments cross the process boundary)."""
+    reads the source; only plain arguments cross the process boundary). Whether one of them wrote the dataset."""
     import multiprocessing
     import tempfile
 
@@ -130,15 +139,19 @@ def _run_workers(args: argparse.Namespace, index: int, count: int) -> None:
             p.start()
         for p in procs:
             p.join()
-        for j, p in enumerate(procs):
-            err = Path(tmp) / f"{j}.json"
-            if p.exitcode == 0:
-                continue
-            if err.exists():
-                e = json.loads(err.read_text())
-                raise (ValueError if e["value_error"] else OSError)(e["message"] or e["type"])
+        results = [json.loads(f.read_text()) if (f := Path(tmp) / f"{j}.json").exists() else {} for j in range(n)]
+    for j, (p, r) in enumerate(zip(procs, results)):
+        if r.get("value_error"):  # a broken source fails every worker alike: its build goes, as in one process
+            if r.get("key"):
+                storage.rmtree(build_path(args.out, r["key"]))
+            raise ValueError(r["message"] or r["error"])
+    for j, (p, r) in enumerate(zip(procs, results)):
+        if "error" in r:
+            raise OSError(r["message"] or r["error"])
+        if p.exitcode != 0:
             raise OSError(f"prepare-data worker {j} of {n} ended with status {p.exitcode}; the finished shards are "
                           "kept: rerun the same command to resume")
+    return any(r.get("finished") for r in results)
 
 
 def prepare_command(args: argparse.Namespace) -> int:
@@ -154,12 +167,9 @@ def prepare_command(args: argparse.Namespace) -> int:
     elif args.workers == 1:
         meta = _prepare(args, (index, count), read=True, finish=True)
     else:
-        try:
-            _run_workers(args, index, count)
-        except ValueError:  # a broken source fails every worker alike: its build goes, as in one process
-            storage.rmtree(build_path(args.out, _encoder(args)[2]))
-            raise
-        meta = _prepare(args, (index, count), read=False, finish=True, strict=count == 1)
+        meta = Metadata.load(args.out) if _run_workers(args, index, count) else None
+        if meta is None and count == 1:
+            meta = _prepare(args, (index, count), read=False, finish=True, strict=True)
     if meta is None:
         print(f"share {index}/{count} of the work shards done; the dataset is written when all are done "
               f"(`boomerang prepare-data ... --finish` checks)")
