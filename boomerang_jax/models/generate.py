@@ -24,6 +24,7 @@ from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.transformer import Params, forward, init_cache
 
 _BLOCK = 128  # vocabulary entries per block of the two-level inverse CDF
+_WINDOW = 32  # decoding steps per chunk: the cache grows by this many slots between chunks
 
 
 def _pick(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -62,10 +63,14 @@ def _next(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: floa
 def _generate(params: Params, prompts: jax.Array, keys: jax.Array, *, config: ModelConfig, new_tokens: int,
               temperature: float, dtype: Any) -> jax.Array:
     batch, prompt_len = prompts.shape
-    # the last new token is sampled but never fed back, so the cache holds prompt_len + new_tokens - 1 slots
-    cache = init_cache(config, batch, prompt_len + new_tokens - 1, dtype)
-    out = forward(params, config, prompts, cache=cache, cache_index=0, dtype=dtype)
-    first = _next(out.logits[:, -1], keys, jnp.int32(0), temperature)
+    # the prompt fills a cache of exactly its length; then the steps run in chunks of _WINDOW, and before each
+    # chunk the cache grows (one copy) to what that chunk needs: every step's attention reads the slots written
+    # so far plus at most _WINDOW empty ones, not the whole final cache (on a CPU, reading the cache is most of
+    # a step's cost beyond the matmuls). The last new token is sampled but never fed back.
+    out = forward(params, config, prompts, cache=init_cache(config, batch, prompt_len, dtype), cache_index=0,
+                  dtype=dtype)
+    token = _next(out.logits[:, -1], keys, jnp.int32(0), temperature)
+    cache, tokens = out.cache, [token[:, None]]
 
     def step(carry, i):
         cache, token = carry
@@ -73,8 +78,13 @@ def _generate(params: Params, prompts: jax.Array, keys: jax.Array, *, config: Mo
         token = _next(nxt.logits[:, -1], keys, i, temperature)
         return (nxt.cache, token), token
 
-    _, tokens = jax.lax.scan(step, (out.cache, first), jnp.arange(1, new_tokens, dtype=jnp.int32))
-    return jnp.concatenate([prompts, first[:, None], tokens.T], axis=1)
+    for start in range(1, new_tokens, _WINDOW):
+        stop = min(new_tokens, start + _WINDOW)
+        grow = prompt_len + stop - 1 - cache[0].shape[3]
+        cache = tuple(jnp.pad(c, ((0, 0),) * 3 + ((0, grow), (0, 0))) for c in cache)
+        (cache, token), chunk = jax.lax.scan(step, (cache, token), jnp.arange(start, stop, dtype=jnp.int32))
+        tokens.append(chunk.T)
+    return jnp.concatenate([prompts] + tokens, axis=1)
 
 
 def generate(
