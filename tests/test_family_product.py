@@ -372,3 +372,14 @@ def test_eval_results_go_into_the_full_familys_model_cards_and_nothing_else_chan
     assert card.split("## How it was made")[1] == old.split("## How it was made")[1]
     changed = {p for p in before if p.read_bytes() != before[p]}
     assert changed == {family / s["dir"] / README for s in sizes if family / s["dir"] / README != own}
+
+
+def test_the_card_command_line_leaves_out_empty_options_and_repeats_appended_ones():
+    """The card's "How it was made" line is what a user would type: no `--results '[]'`."""
+    import argparse
+
+    ns = argparse.Namespace(family="fam", out="o", results=[], layers=23, overwrite=False, dtype=None)
+    assert fam_cli.command_line("materialise", ns, ("family",)) == "boomerang materialise fam --out o --layers 23"
+    ns.results = ["a.csv", "b c.csv"]
+    assert fam_cli.command_line("materialise", ns, ("family",)) == \
+        "boomerang materialise fam --out o --results a.csv --results 'b c.csv' --layers 23"

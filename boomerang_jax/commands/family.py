@@ -109,9 +109,13 @@ def command_line(name: str, args: argparse.Namespace, positional: tuple[str, ...
     """The command as a user would type it, rebuilt from parsed arguments (for model cards)."""
     parts = ["boomerang", name] + [str(getattr(args, p)) for p in positional]
     for key, value in vars(args).items():
-        if key in positional or key in ("func", "command") or value is None or value is False:
+        if key in positional or key in ("func", "command") or value is None or value is False or value == []:
             continue
-        parts += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, list):  # an append option: one flag per value, as typed
+            parts += [p for v in value for p in (flag, str(v))]
+        else:
+            parts += [flag] + ([] if value is True else [str(value)])
     return shlex.join(parts)
 
 
