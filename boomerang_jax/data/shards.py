@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from boomerang_jax.data.records import METADATA, SHARD_SUFFIX, Metadata, ShardWriter, token_dtype
-from boomerang_jax.infra import storage
+from boomerang_jax.infra import publish, storage
 
 PIECES, STREAM = "pieces", "stream.json"
 _MARKER = re.compile(r"^piece-(\d{5,})\.json$")
@@ -92,16 +92,6 @@ def done_pieces(build: str) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _staging(build: str) -> Path:
     """A private local directory to write a piece in: inside a local build (same file system, so publishing
     is a rename; leftovers of dead processes are removed), in the temp/staging dir for a remote one."""
@@ -114,7 +104,7 @@ def _staging(build: str) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     for old in tmp.iterdir():
         pid = old.name.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not publish.process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = tmp / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()

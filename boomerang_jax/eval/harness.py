@@ -53,18 +53,9 @@ def cloze_questions(texts: Iterable[str], num_questions: int, *, num_choices: in
 
 def write_multiple_choice_task(task_dir: str | os.PathLike, name: str, items: Sequence[dict[str, Any]]) -> Path:
     """Write `items` as jsonl plus an lm-eval task YAML named `name` in `task_dir`; returns the YAML path."""
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
-        raise ValueError(f"task name {name!r}: use letters, digits and underscores")
-    d = Path(task_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    data = d / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(i) + "\n" for i in items))
-    yaml = d / f"{name}.yaml"
+    yaml, head = _task_files(task_dir, name, items)
     yaml.write_text(
-        f"task: {name}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
-        "test_split: test\n"
+        head +
         "output_type: multiple_choice\n"
         'doc_to_text: "{{context}}"\n'
         'doc_to_choice: "{{choices}}"\n'

@@ -48,7 +48,8 @@ def refuse_replacing_inputs(dest: PathLike, inputs: Sequence[PathLike | None], *
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ def remove_stale_siblings(dest: PathLike) -> list[Path]:
         m = _LEFTOVER.match(p.name)
         if not m or m["name"] != dest.name or not p.is_dir():
             continue
-        if m["pid"] and int(m["pid"]) != os.getpid() and _alive(int(m["pid"])):
+        if m["pid"] and int(m["pid"]) != os.getpid() and process_alive(int(m["pid"])):
             continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         shutil.rmtree(p, ignore_errors=True)
