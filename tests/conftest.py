@@ -177,3 +177,23 @@ def bucket(gcs, request) -> str:
 
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid() % 1000}"
     return gcs.create_bucket(name)
+
+
+# A short English text and a word-level tokenizer over it: tiny models that read real sentences (lm-eval tests).
+WORDS_TEXT = """The quick brown fox jumps over the lazy sleeping dog tonight. A small green frog sat quietly on the
+floating water lily. Every morning the old baker sells fresh bread to the village. The tired children walked
+home slowly after the long football match. My neighbour plants bright yellow flowers along the garden fence.
+The captain steered the wooden ship through the stormy northern waters. Our teacher explained the difficult
+lesson again with great patience. The hungry cat waited beside the kitchen door for dinner."""
+
+
+def word_tokenizer(text: str = WORDS_TEXT):
+    """A transformers fast tokenizer with one id per word (and '.') of `text`; 0 = <unk>, 1 = </s> (EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for w in text.replace(".", " . ").split()})
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")

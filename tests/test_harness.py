@@ -31,25 +31,15 @@ from boomerang_jax.models.transformer import forward, init_params  # noqa: E402
 from boomerang_jax.surgery import LayerPlan, prune  # noqa: E402
 from boomerang_jax.surgery import compact as cf  # noqa: E402
 from boomerang_jax.surgery import family_export as fam  # noqa: E402
-from tests.conftest import build_hf_model  # noqa: E402
+from tests.conftest import WORDS_TEXT, build_hf_model, word_tokenizer  # noqa: E402
 
-TEXT = """The quick brown fox jumps over the lazy sleeping dog tonight. A small green frog sat quietly on the
-floating water lily. Every morning the old baker sells fresh bread to the village. The tired children walked
-home slowly after the long football match. My neighbour plants bright yellow flowers along the garden fence.
-The captain steered the wooden ship through the stormy northern waters. Our teacher explained the difficult
-lesson again with great patience. The hungry cat waited beside the kitchen door for dinner."""
+TEXT = WORDS_TEXT
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for w in TEXT.replace(".", " . ").split()})
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast = word_tokenizer()
+    vocab = fast.get_vocab()
     d = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(d)
     files = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -97,17 +87,6 @@ def test_lm_eval_command_adds_scores_to_results_csv(exported, tmp_path):
 
 
 # ------------------------------------------------------------------------------ families, resumable runs
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for w in TEXT.replace(".", " . ").split()})
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """A 6-layer teacher and its perturbed 4-layer student (sizes 4, 5, 6 layers), exported as a compact and as
@@ -116,7 +95,7 @@ def family(tmp_path_factory):
     build_hf_model(dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
                         eos_token_id=1, bos_token_id=1), seed=4, scale=0.5).save_pretrained(root / "teacher")
-    _tokenizer().save_pretrained(root / "teacher")
+    word_tokenizer().save_pretrained(root / "teacher")
     t = load_hf(root / "teacher", to_device=False)
     plan = LayerPlan.from_knobs(6)
     s_config, s_params = prune(t.params, t.config, plan)

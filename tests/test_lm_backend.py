@@ -23,28 +23,13 @@ from boomerang_jax.eval.harness import (  # noqa: E402
     write_perplexity_task,
 )
 from boomerang_jax.eval.lm_backend import BoomerangLM, bucket  # noqa: E402
-from tests.conftest import TINY_CONFIGS, build_hf_model  # noqa: E402
+from tests.conftest import TINY_CONFIGS, WORDS_TEXT, build_hf_model, word_tokenizer  # noqa: E402
 
-TEXT = """The quick brown fox jumps over the lazy sleeping dog tonight. A small green frog sat quietly on the
-floating water lily. Every morning the old baker sells fresh bread to the village. The tired children walked
-home slowly after the long football match. My neighbour plants bright yellow flowers along the garden fence.
-The captain steered the wooden ship through the stormy northern waters. Our teacher explained the difficult
-lesson again with great patience. The hungry cat waited beside the kitchen door for dinner."""
+TEXT = WORDS_TEXT
 SENTENCES = [s.strip() for s in TEXT.replace("\n", " ").split(".") if s.strip()]
 TASKS = ["bm_cloze", "bm_ppl", "bm_gen"]
 MAX_LENGTH = 16  # short, so perplexity texts span several rolling windows and long contexts are truncated
 LL_TOL = 2e-4  # |ours - hf| per loglikelihood (nats), float32; seen: ~1e-5
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for w in TEXT.replace(".", " . ").split()})
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ the loop's: metrics.jsonl rows, checkpoint steps, resume and preemption are docu
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
 import math
 import signal
@@ -305,8 +306,6 @@ class StepProfiler:
 
     def annotation(self, step: int) -> Any:
         """A StepTraceAnnotation for `step` while tracing (xprof's step view), else a no-op context."""
-        import contextlib
-
         return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.local else contextlib.nullcontext()
 
     def after(self, step: int) -> None:
