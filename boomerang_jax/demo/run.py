@@ -45,7 +45,8 @@ from boomerang_jax.demo.settings import HELDOUT_TEXTS, RATES, STAGES, DemoSettin
 from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.distill.config import RunConfig, build_run_config
 from boomerang_jax.distill.train import run_distillation
-from boomerang_jax.eval.perplexity import perplexity_rows
+from boomerang_jax.eval.perplexity import summarise
+from boomerang_jax.eval.shared_prefix import SharedPrefixEval
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.hf.load import load_hf, load_model
 from boomerang_jax.hf.verify import verify_export
@@ -285,36 +286,47 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
             if plan.num_layers(patched) in exported:
                 jobs.append(patched_job(f"boomerang-{order}", student_model, patched, {"k": k}))
 
-    pending = sum((t, j.method, j.num_layers) not in done for j in jobs for t in s.heldout)
+    todo = {i: [t for t in s.heldout if (t, j.method, j.num_layers) not in done] for i, j in enumerate(jobs)}
+    todo = {i: texts for i, texts in todo.items() if texts}
+    pending = sum(map(len, todo.values()))
     tokens = {t: int(sum(int(b["loss_mask"].sum()) for b in bs)) for t, bs in heldout.items()}
+    # every model is built once and fingerprinted (its distinct layers kept), then evaluated with each shared
+    # prefix of layers run once per text (eval.shared_prefix)
+    shared = SharedPrefixEval(heldout, chunk=128)
+    info: dict[int, tuple[Any, dict[str, Any]]] = {}
+    with progress_bar(len(todo), "eval: building models", unit="model") as building:
+        for i in todo:
+            cfg, params, more = jobs[i].build()
+            shared.add(i, cfg, params)
+            info[i] = (cfg, more)
+            del params
+            building.update(1)
+    walk = shared.plan_cost(todo)
     per = RATES["eval_overhead_s"] + s.eval_tokens / RATES["eval_tokens_per_s"]
     _say(f"eval: {pending} evaluations to run ({len(jobs) * len(s.heldout) - pending} done already), "
-         f"{', '.join(f'{n} tokens of {t}' for t, n in tokens.items())}: expected ~{fmt_seconds(pending * per)} "
-         f"(~{per:.0f} s each)")
+         f"{', '.join(f'{n} tokens of {t}' for t, n in tokens.items())}; {shared.distinct_layers} distinct layers, "
+         f"{walk['run']} of {walk['needed']} layer passes run (shared prefixes once): expected "
+         f"~{fmt_seconds(pending * per * walk['share'])}")
     bar = progress_bar(pending, "eval", unit="eval")
     try:
-        for job in jobs:
-            todo = [t for t in s.heldout if (t, job.method, job.num_layers) not in done]
-            if not todo:
-                continue
-            cfg, params, more = job.build()
-            counts = count_params(cfg)
-            for text in todo:
-                t = time.perf_counter()
-                res, sums, ntok = perplexity_rows(params, cfg, heldout[text], chunk=128)
-                row = {"method": job.method, "num_layers": cfg.num_layers, "text": text, "params": counts.total,
-                       "non_embedding_params": counts.non_embedding, **res.to_dict(), **job.extra, **more,
-                       "seconds": round(time.perf_counter() - t, 1),
-                       "row_nll": [round(float(x), 5) for x in sums], "row_tokens": [int(x) for x in ntok]}
-                with eval_path(s, out, text).open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done.add((text, job.method, cfg.num_layers))
-                bar.update(1)
-                bar.write(f"[demo] {text:>12} {job.method:>23} {cfg.num_layers:>2} layers: perplexity "
-                          f"{res.perplexity:9.2f} [{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)",
-                          file=sys.stdout)
+        for i, text, sums, counts, seconds in shared.run(todo):
+            job, (cfg, more) = jobs[i], info[i]
+            res = summarise(sums, counts)
+            counts_p = count_params(cfg)
+            row = {"method": job.method, "num_layers": cfg.num_layers, "text": text, "params": counts_p.total,
+                   "non_embedding_params": counts_p.non_embedding, **res.to_dict(), **job.extra, **more,
+                   "seconds": round(seconds, 1),
+                   "row_nll": [round(float(x), 5) for x in sums], "row_tokens": [int(x) for x in counts]}
+            with eval_path(s, out, text).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.add((text, job.method, cfg.num_layers))
+            bar.update(1)
+            bar.write(f"[demo] {text:>12} {job.method:>23} {cfg.num_layers:>2} layers: perplexity "
+                      f"{res.perplexity:9.2f} [{res.ci_low:.2f}, {res.ci_high:.2f}] ({row['seconds']}s)",
+                      file=sys.stdout)
     finally:
         bar.close()
+    _say(f"eval: {shared.layers_run} layer passes run for {shared.layers_needed} needed one model at a time")
     return {"rows": len(done), "heldout_tokens": tokens[s.heldout[0]], "texts": tokens}
 
 
