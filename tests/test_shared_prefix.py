@@ -48,9 +48,10 @@ def family(tmp_path_factory):
     return models, texts
 
 
-def test_rows_equal_evaluating_each_model_on_its_own(family):
+@pytest.mark.parametrize("max_state_bytes", [2 << 30, 1], ids=["one-group", "a-group-per-batch"])
+def test_rows_equal_evaluating_each_model_on_its_own(family, max_state_bytes):
     models, texts = family
-    ev = SharedPrefixEval(texts, chunk=8)
+    ev = SharedPrefixEval(texts, chunk=8, max_state_bytes=max_state_bytes)
     for ident, (cfg, params) in models.items():
         ev.add(ident, cfg, params)
     todo = {ident: ["a", "b"] if i % 3 else ["b"] for i, ident in enumerate(models)}

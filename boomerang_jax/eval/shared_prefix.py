@@ -11,7 +11,8 @@ model was put together; one compiled program runs any layer, one more the final 
 
 The rows are those of `perplexity.perplexity_rows` (per-row NLL sums and token counts) up to float rounding:
 the layers run one at a time rather than in one loop. Memory: the hidden states along the current path, per
-text, [depth + 1] x tokens x hidden_size float32, and one copy of each distinct layer.
+text, [depth + 1] x tokens x hidden_size float32, at most `max_state_bytes` (2 GiB): past that, a text's
+batches are walked in groups, every model once per group; and one copy of each distinct layer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.logits import chunked_token_nll
 from boomerang_jax.models.suffix import embed_tokens, final_norm, run_layers
 from boomerang_jax.models.transformer import Params, head_kernel
+
+
+MAX_STATE_BYTES = 2 << 30  # hidden states kept along the walk's path, per text: more batches are walked in groups
 
 
 def _digest(*arrays: Any) -> str:
@@ -100,17 +104,18 @@ class SharedPrefixEval:
     """Collect models with `add` (each is fingerprinted and its distinct pieces kept; the caller may drop its
     params), then `run` yields their rows, running each shared prefix of layers once per text."""
 
-    def __init__(self, texts: Mapping[str, Sequence[Mapping[str, np.ndarray]]], *, chunk: int = 128) -> None:
+    def __init__(self, texts: Mapping[str, Sequence[Mapping[str, np.ndarray]]], *, chunk: int = 128,
+                 max_state_bytes: int = MAX_STATE_BYTES) -> None:
         if not texts or any(not batches for batches in texts.values()):
             raise ValueError(f"every text needs at least one evaluation batch, got {list(texts)}")
         self.texts = {t: [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in bs] for t, bs in texts.items()}
-        self.chunk = chunk
+        self.chunk, self.max_state_bytes = chunk, max_state_bytes
         self.config: ModelConfig | None = None
         self.members: dict[Hashable, Member] = {}
         self._layers: dict[str, Params] = {}
         self._embeds: dict[str, Params] = {}
         self._heads: dict[str, tuple[Params, jax.Array]] = {}
-        self.layers_run = 0  # layer applications (per text, over all its batches) run so far
+        self.layers_run = 0  # layer applications (per text, over all its batches; groups counted once) run so far
         self.layers_needed = 0  # what evaluating each model from its embedding would have run
 
     def add(self, ident: Hashable, config: ModelConfig, params: Params) -> Member:
@@ -150,7 +155,8 @@ class SharedPrefixEval:
     def distinct_layers(self) -> int:
         return len(self._layers)
 
-    def _states(self, path: _Path, member: Member, batches: list[dict[str, jax.Array]]) -> list[jax.Array]:
+    def _states(self, path: _Path, member: Member, batches: list[dict[str, jax.Array]], count: bool = True
+                ) -> list[jax.Array]:
         want = member.path
         keep = 0
         while keep < min(len(path.keys), len(want)) and path.keys[keep] == want[keep]:
@@ -164,10 +170,10 @@ class SharedPrefixEval:
                 layer = self._layers[want[d]]
                 states = [_run_layer(layer, self.config, h, b["segment_ids"], b["positions"])
                           for h, b in zip(path.states[-1], batches)]
-                self.layers_run += 1
+                self.layers_run += count
             path.keys.append(want[d])
             path.states.append(states)
-        self.layers_needed += len(member.layers)
+        self.layers_needed += len(member.layers) * count
         return path.states[-1]
 
     def plan_cost(self, todo: Mapping[Hashable, Sequence[str]]) -> dict[str, Any]:
@@ -195,18 +201,41 @@ class SharedPrefixEval:
         bad = sorted({t for ts in todo.values() for t in ts if t not in self.texts})
         if bad:
             raise KeyError(f"texts {bad} are not among the evaluation texts {sorted(self.texts)}")
-        assert self.config is not None or not todo
-        paths = {t: _Path() for t in self.texts}
-        for member in sorted((self.members[i] for i in todo), key=lambda m: m.path):
-            for text in todo[member.ident]:
-                start = time.perf_counter()
-                batches = self.texts[text]
-                norm, head = self._heads[member.head]
-                sums, counts = [], []
-                for h, b in zip(self._states(paths[text], member, batches), batches):
-                    s, n = _head_rows(norm, head, self.config, h, b["targets"], b["loss_mask"], chunk=self.chunk)
-                    sums.append(np.asarray(s, np.float64))
-                    counts.append(np.asarray(n, np.float64))
-                s, n = np.concatenate(sums), np.concatenate(counts)
-                keep = n > 0
-                yield member.ident, text, s[keep], n[keep], time.perf_counter() - start
+        if not todo:
+            return
+        assert self.config is not None
+        members = sorted((self.members[i] for i in todo), key=lambda m: m.path)
+        groups = self._groups(max(len(m.path) for m in members))
+        sums: dict[tuple[Hashable, str], list[np.ndarray]] = {}
+        counts: dict[tuple[Hashable, str], list[np.ndarray]] = {}
+        seconds: dict[tuple[Hashable, str], float] = {}
+        for g in range(max(map(len, groups.values()))):
+            paths = {t: _Path() for t in self.texts}  # the hidden states of one group of batches per text
+            for member in members:
+                for text in todo[member.ident]:
+                    if g >= len(groups[text]):
+                        continue
+                    key, start = (member.ident, text), time.perf_counter()
+                    batches = groups[text][g]
+                    norm, head = self._heads[member.head]
+                    for h, b in zip(self._states(paths[text], member, batches, count=g == 0), batches):
+                        s, n = _head_rows(norm, head, self.config, h, b["targets"], b["loss_mask"],
+                                          chunk=self.chunk)
+                        sums.setdefault(key, []).append(np.asarray(s, np.float64))
+                        counts.setdefault(key, []).append(np.asarray(n, np.float64))
+                    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+                    if g == len(groups[text]) - 1:
+                        s, n = np.concatenate(sums.pop(key)), np.concatenate(counts.pop(key))
+                        keep = n > 0
+                        yield member.ident, text, s[keep], n[keep], seconds.pop(key)
+
+    def _groups(self, depth: int) -> dict[str, list[list[dict[str, jax.Array]]]]:
+        """Each text's batches in consecutive groups whose hidden states along a path of `depth` prefixes fit in
+        `max_state_bytes` (one group per text when they all fit, as in the demo)."""
+        assert self.config is not None
+        out = {}
+        for text, batches in self.texts.items():
+            per_batch = max(b["tokens"].size for b in batches) * self.config.hidden_size * 4 * depth
+            size = max(1, self.max_state_bytes // per_batch)
+            out[text] = [batches[i:i + size] for i in range(0, len(batches), size)]
+        return out
