@@ -345,6 +345,27 @@ def test_verify_of_a_compact_family_reports_a_size_that_differs(families, tmp_pa
     assert "MISMATCH: " in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["full", "compact"])
+def test_eval_of_a_family_gives_each_sizes_own_perplexity(families, kind):
+    """`boomerang eval FAMILY` runs the sizes' shared layers once (eval.shared_prefix): each row is still that of
+    the size evaluated on its own, in the family's order."""
+    from boomerang_jax.commands.eval import _models, evaluate_models
+    from boomerang_jax.eval.perplexity import perplexity
+    from tests.test_eval import pack_rows
+
+    root, _, _ = families["qwen3-untied"]
+    rng = np.random.RandomState(4)
+    batches = [pack_rows([rng.randint(0, 64, n) for n in (9, 5, 12, 7)], seq_len=16, rows=3) for _ in range(2)]
+    rows = evaluate_models(_models(str(root / kind)), batches, chunk=8)
+    sizes = fam.read_family(root / kind)["sizes"]
+    assert [(r["model"], r["num_layers"]) for r in rows] == [(s["dir"], s["num_layers"]) for s in sizes]
+    for row, (_, config, params, _) in zip(rows, _models(str(root / kind))):
+        want = perplexity(params, config, batches, chunk=8)
+        assert row["tokens"] == want.tokens and row["rows"] == want.rows
+        assert row["perplexity"] == pytest.approx(want.perplexity, rel=1e-5)
+        assert row["ci_low"] == pytest.approx(want.ci_low, rel=1e-5)
+
+
 def test_eval_results_go_into_the_full_familys_model_cards_and_nothing_else_changes(families, tmp_path):
     """`boomerang eval FAMILY --update-cards`: each evaluated size's card gets its perplexity row in place of
     'Not evaluated yet'; the rest of the card, the other files and a user's own README stay as they were."""

@@ -12,7 +12,7 @@ import argparse
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _models(spec: str) -> Iterator[tuple[str, Any, Any, dict[str, bytes]]]:
@@ -47,20 +47,40 @@ def _models(spec: str) -> Iterator[tuple[str, Any, Any, dict[str, bytes]]]:
 def evaluate(models: str, data: str, *, split: str = "train", seq_len: int = 512, batch_size: int = 4,
              max_tokens: int | None = None, tokenizer: str | None = None, text_field: str = "text",
              chunk: int = 256) -> list[dict[str, Any]]:
-    """Perplexity of every model in `models` on `data`; one result row per model (models are loaded one at a
-    time, so a family needs the memory of one size, not of all)."""
+    """Perplexity of every model in `models` on `data`; one result row per model, in the family's order."""
     from boomerang_jax.data.batches import load_batches
-    from boomerang_jax.eval.perplexity import perplexity
 
     found = _models(models)
     first = next(found)
     batches = load_batches(data, tokenizer_files=first[3], tokenizer=tokenizer, split=split, seq_len=seq_len,
                            batch_size=batch_size, max_tokens=max_tokens, text_field=text_field)
-    rows = []
-    for name, config, params, _ in itertools.chain([first], found):
-        res = perplexity(params, config, batches, chunk=chunk)
-        rows.append({"model": name, "num_layers": config.num_layers, **res.to_dict()})
-    return rows
+    return evaluate_models(itertools.chain([first], found), batches, chunk=chunk)
+
+
+def evaluate_models(found: Iterable[tuple[str, Any, Any, Any]], batches: list[dict[str, Any]], *,
+                    chunk: int = 256) -> list[dict[str, Any]]:
+    """Rows of `evaluate` for (name, config, params, ...) models on batches. Several models (a family) are
+    evaluated together with each shared prefix of layers run once (eval.shared_prefix; memory: one copy of each
+    distinct layer, about teacher + student); a single model on its own."""
+    from boomerang_jax.eval.perplexity import perplexity, summarise
+    from boomerang_jax.eval.shared_prefix import SharedPrefixEval
+
+    found = iter(found)
+    first = next(found)
+    second = next(found, None)
+    if second is None:
+        name, config, params = first[:3]
+        return [{"model": name, "num_layers": config.num_layers, **perplexity(params, config, batches,
+                                                                                chunk=chunk).to_dict()}]
+    shared = SharedPrefixEval({"data": batches}, chunk=chunk)
+    layers = {}
+    for item in itertools.chain([first, second], found):
+        name, config, params = item[:3]
+        shared.add(name, config, params)
+        layers[name] = config.num_layers
+    del first, second, item, params
+    results = {name: summarise(sums, counts) for name, _, sums, counts, _ in shared.run({n: ["data"] for n in layers})}
+    return [{"model": name, "num_layers": n, **results[name].to_dict()} for name, n in layers.items()]
 
 
 def update_cards(family_dir: str, rows: list[dict[str, Any]], data: str) -> list[str]:
