@@ -180,14 +180,16 @@ def expected(stage: str, s: DemoSettings, out: Path) -> tuple[float, str]:
         if s.order not in DATA_ORDERS:
             return export, f"export {sizes} sizes x ~{r['export_s_per_size']:.0f} s"
         cands = sum(greedy_weights(s, plan))
-        per = r["eval_overhead_s"] + s.calib_tokens / r["eval_tokens_per_s"]
+        per = (r["kl_candidate_s"] * s.calib_tokens / 4096 if s.order == "kl-greedy"
+               else r["eval_overhead_s"] + s.calib_tokens / r["eval_tokens_per_s"])
         return cands * per + export, (f"{s.order}: {cands} candidate evaluations x ~{per:.0f} s "
                                       f"({s.calib_tokens} tokens) + export {sizes} sizes "
                                       f"x ~{r['export_s_per_size']:.0f} s")
     if stage == "eval":
         n = _num_evals(s, plan)
-        per = r["eval_overhead_s"] + s.eval_tokens / r["eval_tokens_per_s"]
-        return n * per, f"{n} evaluations ({len(s.heldout)} texts) x ~{per:.0f} s ({s.eval_tokens} tokens each)"
+        per = (r["eval_overhead_s"] + s.eval_tokens / r["eval_tokens_per_s"]) * r["eval_shared_fraction"]
+        return n * per, (f"{n} evaluations ({len(s.heldout)} texts) x ~{per:.0f} s ({s.eval_tokens} tokens each, "
+                         "shared layers run once)")
     if stage == "report":
         return r["verify_s"], "tables, plot and one `boomerang verify`"
     return 0.0, "unknown"
