@@ -29,7 +29,7 @@ RATES = {
     "sample_tokens_per_s": 420.0,         # teacher text at batch 64: 115k tokens in ~4.5 min
     "train_tokens_per_s": 190.0,          # distillation: 300 steps of 4 x 128 tokens in ~14 min (2.7 s/step)
     "kl_candidate_s": 4.8,                # kl-greedy: one candidate's suffix, head and KL on 4096 tokens
-    "eval_tokens_per_s": 300.0,           # one forward pass of a family size over evaluation tokens
+    "eval_tokens_per_s": 700.0,           # one forward pass of a family size over evaluation tokens
     "eval_overhead_s": 3.0,               # per evaluation: building the model, compiling for its depth
     "eval_shared_fraction": 0.6,          # family evaluation with shared prefixes run once (the demo's 58 models)
     "export_s_per_size": 4.0,             # one HF directory of the family
