@@ -5,6 +5,7 @@ report's wording of significance per size and baseline, the second held-out text
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -218,6 +219,8 @@ def test_expected_times_come_from_the_settings(tmp_path):
     secs, how = expected("family", s, tmp_path)
     assert "104 candidate evaluations" in how and "15 sizes" in how
     secs, how = expected("eval", s, tmp_path)
-    assert how.startswith("116 evaluations (2 texts)")  # (3 methods x 15 sizes + 13 last-to-first) x 2 texts
+    assert how.startswith("90 evaluations (2 texts)")  # 3 methods x 15 sizes x 2 texts
+    _, how = expected("eval", dataclasses.replace(s, also_orders=("last-to-first",)), tmp_path)
+    assert how.startswith("116 evaluations (2 texts)")  # + 13 last-to-first sizes per text
     assert expected("eval", s, Path(tmp_path / "none"))[1].startswith("unknown")
     assert [fmt_seconds(x) for x in (0.2, 40, 600, 7200)] == ["1 s", "40 s", "10 min", "2.0 h"]

@@ -16,6 +16,14 @@ def _patch_sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected block counts like 0,2,4,6 or none, got {text!r}") from None
 
 
+def _orders(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip() and x.strip().lower() != "none")
+    bad = [x for x in names if x not in ("last-to-first", "first-to-last")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"fixed orders are last-to-first and first-to-last, got {', '.join(bad)}")
+    return names
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("--out", default=d.out, help="run directory (stages resume from what is there)")
@@ -32,6 +40,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
     p.add_argument("--order", choices=("kl-greedy", "by-loss", "last-to-first", "first-to-last"),
                    help=f"patch order of the exported family (default {d.order})")
+    p.add_argument("--calib-tokens", type=int,
+                   help=f"calibration tokens of the kl-greedy order and the ShortGPT baseline (default {d.calib_tokens})")
+    p.add_argument("--also-orders", type=_orders, metavar="ORDER,..",
+                   help="fixed orders also evaluated next to the family (e.g. last-to-first; default "
+                        f"{','.join(d.also_orders) or 'none'})")
     p.add_argument("--sizes", help="family sizes: all, k=0,3,.. or layer counts (default all)")
     p.add_argument("--set", dest="distill_overrides", action="append", metavar="SECTION.KEY=VALUE",
                    help="override the distillation config, e.g. --set loss.w_cos=10 (repeatable)")
@@ -43,7 +56,8 @@ def demo_command(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(out=args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr,
                                        eval_tokens=args.eval_tokens, plan=args.plan,
                                        teacher_text_share=args.teacher_text_share, sizes=args.sizes, order=args.order,
-                                       patch_sizes=args.patch_sizes,
+                                       patch_sizes=args.patch_sizes, calib_tokens=args.calib_tokens,
+                                       also_orders=args.also_orders,
                                        distill_overrides=tuple(args.distill_overrides or ()) or None).items()
                  if v is not None}
     s = DemoSettings.quick_settings(**overrides) if args.quick else DemoSettings(**overrides)

@@ -162,7 +162,7 @@ def distill_config(s: DemoSettings, out: Path) -> RunConfig:
         # The paper's loss terms, weighted towards the teacher's distribution: without the CE term on the
         # training tokens every size of the family generalises better (docs/DECISIONS.md, measured).
         "loss": {"chunk": min(s.seq, 128), "w_ce": 0, "w_kl": 1},
-        "run": {"dir": str(out / "distill"), "checkpoint_every": max(1, min(25, s.steps)),
+        "run": {"dir": str(out / "distill"), "checkpoint_every": max(1, min(50, s.steps)),
                 "eval_every": max(1, s.steps // 3), "eval_batches": 2},
     }, s.distill_overrides)
 

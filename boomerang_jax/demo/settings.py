@@ -20,18 +20,19 @@ HELDOUT_TEXTS = {
                                    "3.0.0: MIT package, public-domain text)", True),
 }
 
-# Rates measured on the 2-core x86-64 VM of the README (fp32, SmolLM2-135M), for the expected time of each
-# stage; the loops' progress bars then show the real ETA.
+# Rates measured on the 2-core x86-64 VM of the README (fp32, SmolLM2-135M; its session of 2026-12-03, which ran
+# the same train step 1.65x slower than the one before), for the expected time of each stage; the loops'
+# progress bars then show the real ETA.
 RATES = {
     "teacher_s": 15.0,                    # dequantise the GGUF and write it as an HF directory
-    "tokenise_s_per_text": 15.0,          # read and tokenise one corpus (1-2.5M tokens) into ArrayRecord shards
-    "sample_setup_s": 20.0,               # teacher text: loading and compiling the sampler
-    "sample_tokens_per_s": 420.0,         # teacher text at batch 64: 115k tokens in ~4.5 min
-    "train_tokens_per_s": 190.0,          # distillation: 300 steps of 4 x 128 tokens in ~14 min (2.7 s/step)
-    "kl_candidate_s": 4.8,                # kl-greedy: one candidate's suffix, head and KL on 4096 tokens
-    "eval_tokens_per_s": 700.0,           # one forward pass of a family size over evaluation tokens
+    "tokenise_s_per_text": 25.0,          # read and tokenise one corpus (1-2.5M tokens) into ArrayRecord shards
+    "sample_setup_s": 30.0,               # teacher text: loading and compiling the sampler
+    "sample_tokens_per_s": 255.0,         # teacher text at batch 64
+    "train_tokens_per_s": 114.0,          # distillation: 2.25 s per step of 2 x 128 tokens
+    "kl_candidate_s": 7.9,                # kl-greedy: one candidate's suffix, head and KL on 4096 tokens
+    "eval_tokens_per_s": 424.0,           # one forward pass of a family size over evaluation tokens
     "eval_overhead_s": 3.0,               # per evaluation: building the model, compiling for its depth
-    "eval_shared_fraction": 0.6,          # family evaluation with shared prefixes run once (the demo's 58 models)
+    "eval_shared_fraction": 0.6,          # family evaluation with shared prefixes run once
     "export_s_per_size": 4.0,             # one HF directory of the family
     "verify_s": 30.0,                     # report: transformers reload and logits check of one size
 }
@@ -43,11 +44,13 @@ class DemoSettings:
     teacher: str = "smollm2-135m"
     plan: str = "every=2,first=1,last=2"
     order: str = "kl-greedy"  # the exported family's patch order: kl-greedy, by-loss, last-to-first, first-to-last
-    also_orders: tuple[str, ...] = ("last-to-first",)  # fixed orders also evaluated (no export)
-    # 300 steps of 4 x 128 tokens: the same tokens and time as 150 x 8, and better at every size (twice the
-    # updates; docs/DECISIONS.md, measured)
+    # fixed orders also evaluated next to it (no export), e.g. ("last-to-first",): 13 more models per text
+    also_orders: tuple[str, ...] = ()
+    # 300 steps of 2 x 128 tokens: the student is limited by its number of updates more than by tokens per
+    # update (300 x 4 beat 150 x 8), so half the tokens per step keeps the updates in half the time
+    # (docs/DECISIONS.md, measured)
     steps: int = 300
-    batch: int = 4
+    batch: int = 2
     seq: int = 128
     lr: float = 3e-4
     # Share of training tokens written by the teacher itself (data/teacher_text.py), the rest State of the Union
@@ -61,7 +64,7 @@ class DemoSettings:
     eval_seq: int = 256
     eval_tokens: int = 8192  # ~10% intervals on perplexity; 45 evaluations of this take 15-30 min on 2 cores
     heldout: tuple[str, ...] = ("wiki", "shakespeare")  # held-out texts (HELDOUT_TEXTS), every row on each
-    calib_tokens: int = 4096
+    calib_tokens: int = 2048  # the kl-greedy order's and the ShortGPT baseline's calibration text
     sizes: str = "all"
     quick: bool = False
     distill_overrides: tuple[str, ...] = ()  # extra `section.key=value` for the distillation run config
@@ -77,7 +80,8 @@ class DemoSettings:
     def quick_settings(cls, **kw: Any) -> DemoSettings:
         """A handful of steps, a small evaluation and three sizes: checks the pipeline end to end (CI)."""
         return cls(**{**dict(steps=3, batch=2, seq=64, eval_seq=64, eval_tokens=512, calib_tokens=256,
-                             teacher_text_length=32, sizes="k=0,7,14", quick=True), **kw})
+                             teacher_text_length=32, sizes="k=0,7,14", quick=True,
+                             also_orders=("last-to-first",)), **kw})
 
     @property
     def teacher_text_budget(self) -> int:
