@@ -11,7 +11,7 @@ import pytest
 from boomerang_jax.models.config import ModelConfig
 from boomerang_jax.models.suffix import embed_tokens, final_norm, run_layers
 from boomerang_jax.models.transformer import forward, init_params
-from boomerang_jax.surgery import LayerPlan, prune
+from boomerang_jax.surgery import LayerPlan, patched_first, prune
 from boomerang_jax.surgery import orders
 from tests.conftest import EIGHT_LAYER_CONFIGS
 
@@ -137,3 +137,26 @@ def test_every_candidate_of_every_step_runs_in_one_compiled_program():
     assert len(steps) == 4
     after = orders._suffix_kl_sums._cache_size(), orders._prefix_states._cache_size()
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+
+
+def test_two_sided_kl_order_chooses_the_back_half_from_the_teacher_side():
+    teacher = _teacher("llama-tied", seed=4, num_layers=12)  # 5 multi-layer blocks
+    plan = LayerPlan.from_knobs(12, every=2, first=1, last=2)
+    student = _student(teacher, plan, seed=6)
+    batches = _batches(teacher[0].vocab_size)
+    multi = list(plan.multi_layer_blocks)
+    order, steps = orders.kl_greedy_order(student, teacher, plan, batches, chunk=8, from_teacher=2)
+    ref_order, ref_steps = orders.kl_greedy_order(student, teacher, plan, batches, chunk=8, from_teacher=2, fast=False)
+    assert order == ref_order and sorted(order) == multi
+    assert [s["num_layers"] for s in steps] == [plan.num_layers(patched_first(plan, order[:k])) for k in range(1, 5)]
+    for s, r in zip(steps, ref_steps):
+        assert s["kl"] == pytest.approx(r["kl"], rel=REL, abs=ABS)
+    # the block patched last is the one whose student layer alone, in the teacher, gives the lowest KL: scored
+    # independently with whole models
+    reference = orders._WholeModelScorer(orders.Model(*student), orders.Model(*teacher), plan,
+                                         [{k: jnp.asarray(v) for k, v in b.items()} for b in batches], 8)
+    alone = reference.score(multi, [[b for b in multi if b != c] for c in multi])
+    assert order[-1] == multi[min(range(len(multi)), key=lambda i: alone[i][0])]
+    assert steps[-1]["kl"] == pytest.approx(min(kl for kl, _ in alone), rel=REL, abs=ABS)
+    with pytest.raises(ValueError, match="from_teacher"):
+        orders.kl_greedy_order(student, teacher, plan, batches, from_teacher=5)

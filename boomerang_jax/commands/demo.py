@@ -38,7 +38,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {','.join(map(str, d.patch_sizes)) or 'none'}; none: the paper's plain student)")
     p.add_argument("--eval-tokens", type=int, help=f"held-out tokens per evaluated size (default {d.eval_tokens})")
     p.add_argument("--plan", help=f"layer plan (default {d.plan})")
-    p.add_argument("--order", choices=("kl-greedy", "by-loss", "last-to-first", "first-to-last"),
+    p.add_argument("--order", choices=("kl-greedy", "kl-two-sided", "by-loss", "last-to-first", "first-to-last"),
                    help=f"patch order of the exported family (default {d.order})")
     p.add_argument("--calib-tokens", type=int,
                    help=f"calibration tokens of the kl-greedy order and the ShortGPT baseline (default {d.calib_tokens})")

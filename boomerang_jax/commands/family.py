@@ -79,6 +79,7 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order", default="last-to-first",
                         help="patch order: last-to-first (default), first-to-last, kl-greedy (KLPatch: each step "
                              "patches the block that brings the model closest to the teacher on --calib text), "
+                             "kl-two-sided (the same, the back half of the order chosen from the teacher's side), "
                              "by-loss (one-shot: the worst stand-in block first; boomerang_jax.surgery.orders), "
                              "the multi-layer blocks as student layer ids, e.g. 4,12,1,..., or an exported "
                              "family (its dir or family.json) to reuse its order")
@@ -122,7 +123,7 @@ def command_line(name: str, args: argparse.Namespace, positional: tuple[str, ...
 def resolve_order_arg(spec: str, plan: LayerPlan, student: TensorSource, teacher: TensorSource, *,
                       calib: str | None = None, split: str = "train", tokens: int = 8192, seq_len: int = 256,
                       log: Callable[[str], None] | None = None) -> Order:
-    """--order as an Order: a name, 'kl-greedy' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
+    """--order as an Order: a name, 'kl-greedy' / 'kl-two-sided' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
     spec = spec.strip()
     if spec in ORDERS:
         return spec

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from boomerang_jax.demo.settings import RATES, DemoSettings
 from boomerang_jax.surgery import LayerPlan, num_steps
 from boomerang_jax.surgery.family_export import parse_sizes
-from boomerang_jax.surgery.orders import DATA_ORDERS
+from boomerang_jax.surgery.orders import DATA_ORDERS, KL_ORDERS
 
 
 def _say(msg: str) -> None:
@@ -141,7 +141,7 @@ def greedy_weights(s: DemoSettings, plan: LayerPlan) -> list[int]:
     """Candidate evaluations behind each `log=` call of the data-chosen order: kl-greedy logs once per step
     (step i tries every block not chosen yet), by-loss once per block."""
     m = len(plan.multi_layer_blocks)
-    return [m - i for i in range(m - 1)] if s.order == "kl-greedy" else [1] * m
+    return [m - i for i in range(m - 1)] if s.order in KL_ORDERS else [1] * m
 
 
 def _num_sizes(s: DemoSettings, plan: LayerPlan) -> int:
@@ -180,7 +180,7 @@ def expected(stage: str, s: DemoSettings, out: Path) -> tuple[float, str]:
         if s.order not in DATA_ORDERS:
             return export, f"export {sizes} sizes x ~{r['export_s_per_size']:.0f} s"
         cands = sum(greedy_weights(s, plan))
-        per = (r["kl_candidate_s"] * s.calib_tokens / 4096 if s.order == "kl-greedy"
+        per = (r["kl_candidate_s"] * s.calib_tokens / 4096 if s.order in KL_ORDERS
                else r["eval_overhead_s"] + s.calib_tokens / r["eval_tokens_per_s"])
         return cands * per + export, (f"{s.order}: {cands} candidate evaluations x ~{per:.0f} s "
                                       f"({s.calib_tokens} tokens) + export {sizes} sizes "

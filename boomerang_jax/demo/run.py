@@ -12,8 +12,8 @@ Stages (each skipped when its output is complete; `--fresh` starts over):
            `--order last-to-first` gives the paper's fixed order
   eval     perplexity of every size on each held-out text, for the boomerang family and two baselines at the
            same layer counts: naive pruning (the undistilled student, interpolated the same way) and
-           ShortGPT block-influence layer dropping (no training); the paper's fixed last-to-first order is
-           evaluated too (`boomerang-last-to-first`), so the effect of the order is visible; rows keep their
+           ShortGPT block-influence layer dropping (no training); with `--also-orders last-to-first` the
+           paper's fixed order too (`boomerang-last-to-first`), to show the effect of the order; rows keep their
            per-row NLL sums and token counts (eval.jsonl for the first text, eval-TEXT.jsonl for the others)
   report   results.csv, results.md (with paired 95% intervals of boomerang minus each baseline, size by size),
            family.png, and one exported size checked with `boomerang verify`

@@ -41,7 +41,9 @@ from boomerang_jax.surgery import (STUDENT, TEACHER, LayerPlan, Layout, Model, S
 
 BY_LOSS = "by-loss"
 KL_GREEDY = "kl-greedy"
-DATA_ORDERS = (KL_GREEDY, BY_LOSS)  # orders chosen from calibration text
+KL_TWO_SIDED = "kl-two-sided"  # kl-greedy with the back half of the order chosen from the teacher's side
+KL_ORDERS = (KL_GREEDY, KL_TWO_SIDED)
+DATA_ORDERS = (KL_GREEDY, KL_TWO_SIDED, BY_LOSS)  # orders chosen from calibration text
 
 
 def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -179,13 +181,17 @@ class _WholeModelScorer:
 
     def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
         """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
-        scores = {}
-        for c in candidates:
-            model = interpolate(self.student, self.teacher, self.plan, patched_first(self.plan, chosen + [c]))
+        return dict(zip(candidates, self.score(chosen, [chosen + [c] for c in candidates])))
+
+    def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
+        """(KL, NLL) of the model with each candidate's multi-layer blocks patched (`base`: unused here)."""
+        scores = []
+        for blocks in candidates:
+            model = interpolate(self.student, self.teacher, self.plan, patched_first(self.plan, blocks))
             sums = np.zeros(3)
             for b, tf in zip(self.batches, self.t_finals):
                 sums += [float(x) for x in _kl_sums(model.params, model.config, b, tf, self.t_head, self.chunk)]
-            scores[c] = _means(sums)
+            scores.append(_means(sums))
         return scores
 
 
@@ -235,17 +241,23 @@ class _SuffixScorer:
 
     def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
         """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
+        return dict(zip(candidates, self.score(chosen, [chosen + [c] for c in candidates])))
+
+    def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
+        """(KL, NLL) of the model with each candidate's multi-layer blocks patched, every candidate run from the
+        hidden state of the model with `base` patched at the first block where the two differ."""
         plan, s, t = self.plan, self.student, self.teacher
         tied = dict(student_tied=s.config.tie_word_embeddings, teacher_tied=t.config.tie_word_embeddings)
-        current = layout(plan, patched_first(plan, chosen), **tied)
+        current = layout(plan, patched_first(plan, base), **tied)
         jobs = []
-        for c in candidates:
-            lay = layout(plan, patched_first(plan, chosen + [c]), **tied)
-            first = min(set(lay.patched) - set(current.patched))  # the first student layer that changes
+        for blocks in candidates:
+            lay = layout(plan, patched_first(plan, blocks), **tied)
+            differ = set(lay.patched) ^ set(current.patched)
+            first = min(differ) if differ else plan.num_student_layers  # the first student layer that changes
             start = sum(len(plan.blocks[i]) if i in current.patched else 1 for i in range(first))
-            jobs.append((c, start, lay))
+            jobs.append((start, lay))
         # the current model's hidden states where candidates start (HF index i: the output of its layer i - 1)
-        inner = sorted({start for _, start, _ in jobs if start > 0})
+        inner = sorted({start for start, _ in jobs if start > 0})
         hidden: dict[int, list[jax.Array]] = {}
         if inner:
             num_slots = len(plan.multi_layer_blocks)  # at least the candidates: one program for every step
@@ -257,8 +269,8 @@ class _SuffixScorer:
             bufs = [_prefix_states(self.stack, ids, count, slots, h, b, config, num_slots)
                     for b, h in zip(self.batches, self._embedding(current.embedding))]
             hidden = {i: [buf[k] for buf in bufs] for k, i in enumerate(inner)}
-        scores = {}
-        for c, start, lay in jobs:
+        scores = []
+        for start, lay in jobs:
             inputs = hidden[start] if start else self._embedding(lay.embedding)
             ids, count, config = self._ids(lay, start)
             norm, head = self.heads[lay.head]
@@ -266,23 +278,23 @@ class _SuffixScorer:
             for b, h, target in zip(self.batches, inputs, self.targets):
                 sums += [float(x) for x in _suffix_kl_sums(self.stack, ids, count, norm, head, h, b, target,
                                                            config, self.chunk)]
-            scores[c] = _means(sums)
+            scores.append(_means(sums))
         return scores
-
-
-def _pick(scores: Mapping[int, tuple[float, float]]) -> tuple[int, float, float]:
-    """(block, KL, NLL) of the lowest KL; ties go to the first candidate."""
-    block = min(scores, key=lambda c: scores[c][0])
-    return block, scores[block][0], scores[block][1]
 
 
 def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
                     chunk: int = 128, log: Callable[[str], None] | None = None, fast: bool = True,
-                    teacher_cache_bytes: int = TEACHER_CACHE_BYTES
+                    teacher_cache_bytes: int = TEACHER_CACHE_BYTES, from_teacher: int = 0
                     ) -> tuple[tuple[int, ...], list[dict[str, float]]]:
     """KLPatch: the multi-layer blocks in patch order, chosen greedily by KL(teacher || model) on `batches`,
-    and one record per chosen step {block, num_layers, kl, nll} (mean nats per token). `student`, `teacher`:
-    (config, params) pairs. The teacher's final hidden states are computed once; logits are chunked.
+    and one record per size between student and teacher {block, num_layers, kl, nll} (mean nats per token;
+    `block`: the one patched to reach that size). `student`, `teacher`: (config, params) pairs. The teacher's
+    final hidden states are computed once; logits are chunked.
+
+    `from_teacher` > 0 chooses the last `from_teacher` positions first, greedily from the teacher's side (each
+    step turns back into its student layer the block whose stand-in keeps the model closest to the teacher, so
+    the sizes next to the teacher are chosen as models of that size), then the rest from the student's side
+    among the blocks left; the same number of scored models.
 
     `fast` (the default) runs, per step, the layers the candidates share once and each candidate only from the
     first layer it changes, against the teacher's distribution, cached when it takes at most
@@ -292,23 +304,39 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
         raise ValueError("kl_greedy_order needs at least one calibration batch")
     s_model, t_model = (Model(m[0], jax.tree.map(jnp.asarray, m[1])) for m in (student, teacher))
     check_compatible(s_model.config, t_model.config, plan)
+    multi = list(plan.multi_layer_blocks)
+    if isinstance(from_teacher, bool) or not 0 <= from_teacher <= max(len(multi) - 1, 0):
+        raise ValueError(f"from_teacher must be in [0, {max(len(multi) - 1, 0)}] (multi-layer blocks - 1), "
+                         f"got {from_teacher!r}")
     scorer = _SuffixScorer(s_model, t_model, plan, batches, chunk, teacher_cache_bytes) if fast \
         else _WholeModelScorer(s_model, t_model, plan, batches, chunk)
-    multi = list(plan.multi_layer_blocks)
-    chosen: list[int] = []
-    steps: list[dict[str, float]] = []
-    while len(chosen) < len(multi) - 1:  # the last block left is patched last: that step gives the teacher
+    at: dict[int, tuple[float, float]] = {}  # k patched blocks -> (KL, NLL) of that step's model
+
+    def choose(base: list[int], options: list[list[int]], rest: list[int], side: str) -> int:
         t0 = time.perf_counter()
-        rest = [b for b in multi if b not in chosen]
-        block, kl, nll = _pick(scorer.step(chosen, rest))
-        chosen.append(block)
-        n = plan.num_layers(patched_first(plan, chosen))
-        steps.append({"block": block, "num_layers": n, "kl": round(kl, 6), "nll": round(nll, 6)})
+        scores = scorer.score(base, options)
+        i = min(range(len(options)), key=lambda j: scores[j][0])  # ties go to the first candidate
+        at[len(options[i])] = scores[i]
         if log:
-            log(f"KL patch step {len(chosen)}: block {block} (teacher layers {list(plan.blocks[block])}) -> "
-                f"{n} layers, KL to the teacher {kl:.4f}, NLL {nll:.4f} "
-                f"({len(rest)} candidates, {time.perf_counter() - t0:.1f}s)")
-    order = tuple(chosen + [b for b in multi if b not in chosen])
+            n = plan.num_layers(patched_first(plan, options[i]))
+            log(f"KL patch step {len(options[i])} ({side}): block {rest[i]} (teacher layers "
+                f"{list(plan.blocks[rest[i]])}) -> {n} layers, KL to the teacher {scores[i][0]:.4f}, "
+                f"NLL {scores[i][1]:.4f} ({len(options)} candidates, {time.perf_counter() - t0:.1f}s)")
+        return rest[i]
+
+    tail: list[int] = []  # from the teacher's side: the blocks patched last, the very last first
+    kept = list(multi)
+    for _ in range(from_teacher):
+        block = choose(kept, [[b for b in kept if b != c] for c in kept], kept, "from the teacher")
+        tail.append(block)
+        kept.remove(block)
+    chosen: list[int] = []
+    while len(chosen) < len(kept) - 1:  # the last block left is forced: that step gives the teacher or the tail
+        chosen.append(choose(chosen, [chosen + [c] for c in kept if c not in chosen],
+                             [c for c in kept if c not in chosen], "from the student"))
+    order = tuple(chosen + [b for b in kept if b not in chosen] + tail[::-1])
+    steps = [{"block": order[k - 1], "num_layers": plan.num_layers(patched_first(plan, order[:k])),
+              "kl": round(at[k][0], 6), "nll": round(at[k][1], 6)} for k in sorted(at)]
     return order, steps
 
 
@@ -317,8 +345,9 @@ def order_from_data(name: str, student: Any, teacher: Any, plan: LayerPlan,
                     ) -> tuple[tuple[int, ...], dict[str, Any]]:
     """The order `name` (one of DATA_ORDERS) chosen on calibration `batches`, and what it was chosen from
     (`kl_steps` or `block_scores`, for the run's records). `student`, `teacher`: (config, params) pairs."""
-    if name == KL_GREEDY:
-        order, steps = kl_greedy_order(student, teacher, plan, batches, log=log)
+    if name in KL_ORDERS:
+        back = len(plan.multi_layer_blocks) // 2 if name == KL_TWO_SIDED else 0
+        order, steps = kl_greedy_order(student, teacher, plan, batches, log=log, from_teacher=back)
         return order, {"kl_steps": steps}
     if name == BY_LOSS:
         scores = block_scores(student, teacher, plan, batches, log=log)
