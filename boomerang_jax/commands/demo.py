@@ -17,6 +17,7 @@ def _patch_sizes(text: str) -> tuple[int, ...]:
 
 
 def _orders(text: str) -> tuple[str, ...]:
+    # the fixed orders of surgery.plan.ORDERS, named here so that `boomerang demo --help` imports no jax
     names = tuple(x.strip() for x in text.split(",") if x.strip() and x.strip().lower() != "none")
     bad = [x for x in names if x not in ("last-to-first", "first-to-last")]
     if bad:
@@ -41,7 +42,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=("kl-greedy", "kl-two-sided", "by-loss", "last-to-first", "first-to-last"),
                    help=f"patch order of the exported family (default {d.order})")
     p.add_argument("--calib-tokens", type=int,
-                   help=f"calibration tokens of the kl-greedy order and the ShortGPT baseline (default {d.calib_tokens})")
+                   help="calibration tokens of the kl-greedy order and the ShortGPT baseline "
+                        f"(default {d.calib_tokens})")
     p.add_argument("--also-orders", type=_orders, metavar="ORDER,..",
                    help="fixed orders also evaluated next to the family (e.g. last-to-first; default "
                         f"{','.join(d.also_orders) or 'none'})")

@@ -123,7 +123,8 @@ def command_line(name: str, args: argparse.Namespace, positional: tuple[str, ...
 def resolve_order_arg(spec: str, plan: LayerPlan, student: TensorSource, teacher: TensorSource, *,
                       calib: str | None = None, split: str = "train", tokens: int = 8192, seq_len: int = 256,
                       log: Callable[[str], None] | None = None) -> Order:
-    """--order as an Order: a name, 'kl-greedy' / 'kl-two-sided' / 'by-loss' (chosen on `calib` now), or comma-separated ids."""
+    """--order as an Order: a name, 'kl-greedy' / 'kl-two-sided' / 'by-loss' (chosen on `calib` now), or
+    comma-separated ids."""
     spec = spec.strip()
     if spec in ORDERS:
         return spec

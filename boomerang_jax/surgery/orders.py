@@ -43,7 +43,7 @@ BY_LOSS = "by-loss"
 KL_GREEDY = "kl-greedy"
 KL_TWO_SIDED = "kl-two-sided"  # kl-greedy with the back half of the order chosen from the teacher's side
 KL_ORDERS = (KL_GREEDY, KL_TWO_SIDED)
-DATA_ORDERS = (KL_GREEDY, KL_TWO_SIDED, BY_LOSS)  # orders chosen from calibration text
+DATA_ORDERS = KL_ORDERS + (BY_LOSS,)  # orders chosen from calibration text
 
 
 def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -169,7 +169,19 @@ def _means(sums: np.ndarray) -> tuple[float, float]:
     return sums[0] / sums[2], sums[1] / sums[2]
 
 
-class _WholeModelScorer:
+class _Scorer:
+    """What both KLPatch scorers share: `score(base, candidates)` -> (KL, NLL) per candidate set of patched
+    multi-layer blocks, and its one-step form."""
+
+    def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
+        raise NotImplementedError
+
+    def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
+        """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
+        return dict(zip(candidates, self.score(chosen, [chosen + [c] for c in candidates])))
+
+
+class _WholeModelScorer(_Scorer):
     """The straightforward KLPatch scorer: every candidate model built whole and run from its embedding (the
     reference the fast scorer is tested against)."""
 
@@ -178,10 +190,6 @@ class _WholeModelScorer:
         self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
         self.t_finals = [_final_hidden(teacher.params, teacher.config, b) for b in batches]
         self.t_head = head_kernel(teacher.params, teacher.config)
-
-    def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
-        """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
-        return dict(zip(candidates, self.score(chosen, [chosen + [c] for c in candidates])))
 
     def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
         """(KL, NLL) of the model with each candidate's multi-layer blocks patched (`base`: unused here)."""
@@ -195,7 +203,7 @@ class _WholeModelScorer:
         return scores
 
 
-class _SuffixScorer:
+class _SuffixScorer(_Scorer):
     """Scores every candidate of one greedy step from the current model's hidden state at the first layer the
     candidate changes: the shared prefix runs once per step, each candidate only its own suffix of layers.
     The teacher's distribution per token is cached when it takes at most `teacher_cache_bytes`."""
@@ -239,10 +247,6 @@ class _SuffixScorer:
         return (jnp.asarray(ids + [0] * (n - len(ids)), jnp.int32), jnp.asarray(len(ids), jnp.int32),
                 config.replace(num_layers=n, tie_word_embeddings=False))
 
-    def step(self, chosen: list[int], candidates: list[int]) -> dict[int, tuple[float, float]]:
-        """(KL, NLL) of the model with chosen + [c] patched, for every candidate c."""
-        return dict(zip(candidates, self.score(chosen, [chosen + [c] for c in candidates])))
-
     def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
         """(KL, NLL) of the model with each candidate's multi-layer blocks patched, every candidate run from the
         hidden state of the model with `base` patched at the first block where the two differ."""
@@ -252,8 +256,7 @@ class _SuffixScorer:
         jobs = []
         for blocks in candidates:
             lay = layout(plan, patched_first(plan, blocks), **tied)
-            differ = set(lay.patched) ^ set(current.patched)
-            first = min(differ) if differ else plan.num_student_layers  # the first student layer that changes
+            first = min(set(lay.patched) ^ set(current.patched))  # the first student layer that changes
             start = sum(len(plan.blocks[i]) if i in current.patched else 1 for i in range(first))
             jobs.append((start, lay))
         # the current model's hidden states where candidates start (HF index i: the output of its layer i - 1)
@@ -305,14 +308,15 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
     s_model, t_model = (Model(m[0], jax.tree.map(jnp.asarray, m[1])) for m in (student, teacher))
     check_compatible(s_model.config, t_model.config, plan)
     multi = list(plan.multi_layer_blocks)
-    if isinstance(from_teacher, bool) or not 0 <= from_teacher <= max(len(multi) - 1, 0):
-        raise ValueError(f"from_teacher must be in [0, {max(len(multi) - 1, 0)}] (multi-layer blocks - 1), "
-                         f"got {from_teacher!r}")
+    most = max(len(multi) - 1, 0)
+    if isinstance(from_teacher, bool) or not 0 <= from_teacher <= most:
+        raise ValueError(f"from_teacher must be in [0, {most}] (multi-layer blocks - 1), got {from_teacher!r}")
     scorer = _SuffixScorer(s_model, t_model, plan, batches, chunk, teacher_cache_bytes) if fast \
         else _WholeModelScorer(s_model, t_model, plan, batches, chunk)
     at: dict[int, tuple[float, float]] = {}  # k patched blocks -> (KL, NLL) of that step's model
 
     def choose(base: list[int], options: list[list[int]], rest: list[int], side: str) -> int:
+        """The block of `rest` whose candidate (`options`, in the same order) has the lowest KL."""
         t0 = time.perf_counter()
         scores = scorer.score(base, options)
         i = min(range(len(options)), key=lambda j: scores[j][0])  # ties go to the first candidate
@@ -332,8 +336,8 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
         kept.remove(block)
     chosen: list[int] = []
     while len(chosen) < len(kept) - 1:  # the last block left is forced: that step gives the teacher or the tail
-        chosen.append(choose(chosen, [chosen + [c] for c in kept if c not in chosen],
-                             [c for c in kept if c not in chosen], "from the student"))
+        rest = [c for c in kept if c not in chosen]
+        chosen.append(choose(chosen, [chosen + [c] for c in rest], rest, "from the student"))
     order = tuple(chosen + [b for b in kept if b not in chosen] + tail[::-1])
     steps = [{"block": order[k - 1], "num_layers": plan.num_layers(patched_first(plan, order[:k])),
               "kl": round(at[k][0], 6), "nll": round(at[k][1], 6)} for k in sorted(at)]
