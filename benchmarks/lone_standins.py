@@ -4,8 +4,8 @@ The demo's family is one block short of the teacher at teacher - 1 layers: every
 one, which is the student's layer (with the single-layer blocks next to it, as the family has them). Which
 block that is depends on the patch order; this script evaluates all of them (one model per block) on the demo's
 held-out texts and compares each with ShortGPT at the same depth, read from the run's own eval rows, by the
-same paired bootstrap the report uses. If no block beats ShortGPT on a text, no
-patch order can make the family win there at that size: the limit is the student's layers, not the order.
+same paired bootstrap the report uses. If no block beats ShortGPT on a text, no patch order can make the
+family win there at that size: the limit is the student's layers, not the order.
 
     .venv/bin/python benchmarks/lone_standins.py --run runs/demo [--eval-tokens 8192]
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from boomerang_jax.demo.report import paired
-from boomerang_jax.demo.run import _eval_batches, read_rows
+from boomerang_jax.demo.run import eval_batches, read_rows
 from boomerang_jax.demo.settings import DemoSettings
 from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.eval.perplexity import summarise
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     student_model = (student.config, materialise(student))
     teacher_model = (teacher.config, teacher.params)
     blocks = list(plan.multi_layer_blocks)
-    texts = {t: _eval_batches(s, out / "data" / t, "test", s.eval_tokens) for t in s.heldout}
+    texts = {t: eval_batches(s, out / "data" / t, "test", s.eval_tokens) for t in s.heldout}
     shared = SharedPrefixEval(texts, chunk=128)
     depth = None
     for b in blocks:

@@ -185,7 +185,7 @@ def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if s.order in DATA_ORDERS:
         # the same calibration text as the ShortGPT baseline: the speeches' validation split
-        calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
+        calib = eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
         weights = greedy_weights(s, student.plan)
         with LogProgress(f"{s.order} order", sum(weights), weights, unit="cand") as progress:
             order, info = order_from_data(s.order, (student.config, materialise(student)),
@@ -197,8 +197,9 @@ def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
     return {"sizes": len(family["sizes"]), "patch_order": family["patch_order"], **info}
 
 
-def _eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[dict[str, np.ndarray]]:
-
+def eval_batches(s: DemoSettings, path: Path, split: str, tokens: int) -> list[dict[str, np.ndarray]]:
+    """The first batches of `split` of the prepared dataset at `path`, in order, until they hold at least
+    `tokens` predicted tokens: the demo's held-out and calibration text (rows of `s.eval_seq`)."""
     cfg = DataConfig(path=str(path), split=split, seq_len=s.eval_seq, batch_size=4, shuffle=False, num_epochs=1,
                      drop_remainder=False)
     batches, n = [], 0
@@ -247,8 +248,8 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
         if not (out / "data" / text / "metadata.json").exists():  # a run whose data stage predates this text
             enc = enc or _encoder(out)[1]
             prepare_heldout(text, enc, out)
-        heldout[text] = _eval_batches(s, out / "data" / text, "test", s.eval_tokens)
-    calib = _eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
+        heldout[text] = eval_batches(s, out / "data" / text, "test", s.eval_tokens)
+    calib = eval_batches(s, out / "data" / "sotu", "validation", s.calib_tokens)
     teacher = load_hf(out / "teacher", to_device=False)
     student = read_student_checkpoint(out / "distill")
 
