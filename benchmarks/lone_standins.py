@@ -50,12 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     blocks = list(plan.multi_layer_blocks)
     texts = {t: eval_batches(s, out / "data" / t, "test", s.eval_tokens) for t in s.heldout}
     shared = SharedPrefixEval(texts, chunk=128)
-    depth = None
+    depth = plan.num_layers(patched_first(plan, blocks[1:]))  # the same for every block left the student's
     for b in blocks:
-        cfg, params = interpolate(student_model, teacher_model, plan,
-                                  patched_first(plan, [x for x in blocks if x != b]))
-        depth = cfg.num_layers
-        shared.add(b, cfg, params)
+        shared.add(b, *interpolate(student_model, teacher_model, plan,
+                                   patched_first(plan, [x for x in blocks if x != b])))
     shortgpt = {r["text"]: r for r in read_rows(s, out) if r["method"] == "shortgpt" and r["num_layers"] == depth}
     rows = []
     for b, text, sums, counts, seconds in shared.run({b: list(texts) for b in blocks}):
