@@ -138,7 +138,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dty
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * (hd**-0.5)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype)).reshape(b, t, h, hd)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype).reshape(b, t, h, hd)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, dtype: Any, *,

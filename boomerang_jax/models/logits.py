@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from boomerang_jax.models.matmul import mixed_dot
+
 
 
 
@@ -41,8 +43,7 @@ def from_chunks(x: jax.Array, t: int) -> jax.Array:
 
 def chunk_logits(hidden: jax.Array, head_f32: jax.Array) -> jax.Array:
     """hidden [B, c, D] @ head [D, V] in hidden's dtype, float32 result [B, c, V]."""
-    head = head_f32.astype(hidden.dtype)
-    return jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+    return mixed_dot(hidden, head_f32, hidden.dtype)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

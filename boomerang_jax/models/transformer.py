@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from boomerang_jax.models.attention import attend, attention_mask, resolve
 from boomerang_jax.models.config import ModelConfig
+from boomerang_jax.models.matmul import mixed_dot
 
 Params = dict[str, Any]
 
@@ -89,11 +90,11 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = mixed_dot(x, kernel, self.dtype)  # float32 accumulation, rounded once to `dtype` below
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -179,9 +180,9 @@ def cached_attention(q: jax.Array, new: tuple[jax.Array, jax.Array], cache: tupl
     causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (g, 1))
     own = jnp.where(causal, own, neg)
     probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1), axis=-1).astype(dtype)
-    out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :s], cache[1].astype(dtype))
-           + jnp.einsum("bkqt,bktd->bkqd", probs[..., s:], new[1].astype(dtype)))
-    return out.reshape(b, hkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+    out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :s], cache[1].astype(dtype), preferred_element_type=jnp.float32)
+           + jnp.einsum("bkqt,bktd->bkqd", probs[..., s:], new[1].astype(dtype), preferred_element_type=jnp.float32))
+    return out.astype(dtype).reshape(b, hkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
 class MLP(nn.Module):
