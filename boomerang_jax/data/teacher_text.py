@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from boomerang_jax.infra import storage
@@ -34,13 +35,15 @@ def sample_documents(
     batch: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
+    dtype: Any = jnp.float32,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """`num_docs` token arrays, each sampled after `start_id` for up to `length` tokens and cut before the first
     `stop_id` (the teacher ended its document); empty ones are dropped. Seeded: same seed, same documents.
 
     Document i is sampled with the key fold_in(key(seed), i), so the documents do not depend on `batch`
-    (rows sampled together); `batch` only sets how many are sampled at once (speed, memory)."""
+    (rows sampled together); `batch` only sets how many are sampled at once (speed, memory). `dtype`: the
+    compute dtype of the teacher's forward passes (and KV cache); another dtype samples other documents."""
     if num_docs < 1 or length < 1 or batch < 1:
         raise ValueError(f"need num_docs, length and batch >= 1, got {num_docs}, {length}, {batch}")
     root = jax.random.key(seed)
@@ -50,7 +53,7 @@ def sample_documents(
     for b in range(batches):
         # a short last batch is padded with the next documents' keys (one program for every batch)
         keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.arange(b * batch, (b + 1) * batch))
-        rows = generate(params, config, prompts, length, temperature=temperature, key=keys)[:, 1:]
+        rows = generate(params, config, prompts, length, temperature=temperature, key=keys, dtype=dtype)[:, 1:]
         for row in rows[: num_docs - done]:
             stops = np.flatnonzero(row == stop_id)
             doc = row[: stops[0]] if len(stops) else row
@@ -74,6 +77,7 @@ def write_teacher_text(
     temperature: float = 1.0,
     seed: int = 0,
     start_token: str = "<|endoftext|>",
+    dtype: Any = jnp.float32,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample about `tokens` tokens of teacher text (documents of <= `length` tokens, each begun after
@@ -88,7 +92,8 @@ def write_teacher_text(
     num_docs = max(1, math.ceil(tokens / length))
     lines, n_tokens = [], 0
     for doc in sample_documents(params, config, start_id=int(start_id), stop_id=int(start_id), num_docs=num_docs,
-                                length=length, batch=batch, temperature=temperature, seed=seed, log=log):
+                                length=length, batch=batch, temperature=temperature, seed=seed, dtype=dtype,
+                                log=log):
         text = tokenizer.decode(doc.tolist(), skip_special_tokens=True)
         if text.strip():
             lines.append(json.dumps({"text": text}, ensure_ascii=False))
@@ -97,4 +102,5 @@ def write_teacher_text(
         raise ValueError("the teacher wrote no non-empty document (every sample began with the stop token)")
     storage.write_text_atomic(out_path, "\n".join(lines) + "\n")
     return {"path": str(out_path), "documents": len(lines), "tokens": n_tokens, "length": length,
-            "temperature": temperature, "seed": seed, "start_token": start_token}
+            "temperature": temperature, "seed": seed, "start_token": start_token,
+            "dtype": jnp.dtype(dtype).name}

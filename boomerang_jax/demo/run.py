@@ -50,6 +50,7 @@ from boomerang_jax.eval.shared_prefix import SharedPrefixEval
 from boomerang_jax.hf.export import save_hf
 from boomerang_jax.hf.load import load_hf, load_model
 from boomerang_jax.hf.verify import verify_export
+from boomerang_jax.models.matmul import COMPUTE_DTYPES, fast_compute_dtype
 from boomerang_jax.surgery import LayerPlan, count_params, interpolate, num_steps, patched_for, prune
 from boomerang_jax.surgery.baselines import block_influence, shortgpt_family
 from boomerang_jax.surgery.family_export import export_family, parse_sizes, read_family
@@ -132,7 +133,8 @@ def _teacher_text(s: DemoSettings, out: Path, tok: Any, enc: Any) -> dict[str, A
     weights = [min(batch, docs - i) * s.teacher_text_length for i in range(0, docs, batch)]
     with LogProgress("teacher text", docs * s.teacher_text_length, weights, unit="tok") as progress:
         info = write_teacher_text(teacher.params, teacher.config, tok, str(jsonl), tokens=s.teacher_text_budget,
-                                  length=s.teacher_text_length, batch=batch, seed=0, log=progress)
+                                  length=s.teacher_text_length, batch=batch, seed=0, dtype=s.compute_dtype,
+                                  log=progress)
     meta = prepare_dataset(read_documents(str(jsonl)), enc, str(out / "data" / "teacher-text"), seed=0,
                            overwrite=True, source="teacher-text", log=_say)
     return {**info, "prepared": str(out / "data" / "teacher-text"), "meta": _jsonable(meta)}
@@ -148,8 +150,8 @@ def distill_config(s: DemoSettings, out: Path) -> RunConfig:
                                   "seed": 0}
     if s.teacher_text_share > 0:
         train_data["mix"] = [[str(out / "data" / "teacher-text"), s.teacher_text_share]]
-    train: dict[str, Any] = {"total_steps": s.steps, "lr": s.lr, "compute_dtype": "float32",
-                             "teacher_dtype": "float32", "remat": "none"}
+    train: dict[str, Any] = {"total_steps": s.steps, "lr": s.lr, "compute_dtype": s.compute_dtype,
+                             "teacher_dtype": s.compute_dtype, "remat": "none"}
     if s.patch_sizes:
         train["patch_sizes"] = list(s.patch_sizes)
     return build_run_config({
@@ -189,7 +191,8 @@ def stage_family(s: DemoSettings, out: Path) -> dict[str, Any]:
         weights = greedy_weights(s, student.plan)
         with LogProgress(f"{s.order} order", sum(weights), weights, unit="cand") as progress:
             order, info = order_from_data(s.order, (student.config, materialise(student)),
-                                          (teacher.config, materialise(teacher)), student.plan, calib, log=progress)
+                                          (teacher.config, materialise(teacher)), student.plan, calib, log=progress,
+                                          dtype=s.compute_dtype)
         _say(f"patch order ({s.order}, calibration text): {list(order)}")
     ks = parse_sizes(s.sizes, student.plan, order)
     with LogProgress("family export", len(ks), unit="size") as progress:
@@ -293,7 +296,7 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
     tokens = {t: int(sum(int(b["loss_mask"].sum()) for b in bs)) for t, bs in heldout.items()}
     # every model is built once and fingerprinted (its distinct layers kept), then evaluated with each shared
     # prefix of layers run once per text (eval.shared_prefix)
-    shared = SharedPrefixEval(heldout, chunk=128)
+    shared = SharedPrefixEval(heldout, chunk=128, dtype=s.compute_dtype)
     info: dict[int, tuple[Any, dict[str, Any]]] = {}
     with progress_bar(len(todo), "eval: building models", unit="model") as building:
         for i in todo:
@@ -359,6 +362,20 @@ RUNNERS: dict[str, Callable[[DemoSettings, Path], dict[str, Any]]] = {
 }
 
 
+def _resolve_dtype(s: DemoSettings, stored: dict[str, Any] | None) -> DemoSettings:
+    """`s` with compute_dtype 'auto' made concrete: the run's own dtype when it has begun, else this machine's
+    fast one (models.matmul.fast_compute_dtype)."""
+    if s.compute_dtype != "auto":
+        return s
+    if stored is not None and stored.get("compute_dtype") in COMPUTE_DTYPES:
+        _say(f"compute dtype: {stored['compute_dtype']} (this run's)")
+        return dataclasses.replace(s, compute_dtype=stored["compute_dtype"])
+    dtype, ratio = fast_compute_dtype()
+    why = (f"bf16 matmuls {ratio:.1f}x as fast as float32 here" if ratio else "an accelerator")
+    _say(f"compute dtype: {dtype} (auto: {why}; --compute-dtype to choose)")
+    return dataclasses.replace(s, compute_dtype=dtype)
+
+
 def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
     """Run every stage that has not finished yet; returns the run directory."""
     out = Path(s.out)
@@ -366,9 +383,12 @@ def run_demo(s: DemoSettings, *, fresh: bool = False) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
+    # runs from before compute_dtype was a setting ran in float32
+    stored = {"compute_dtype": "float32", **json.loads(settings_path.read_text())} if settings_path.exists() else None
+    s = _resolve_dtype(s, stored)
     current = json.loads(json.dumps(dataclasses.asdict(s)))
     defaults = json.loads(json.dumps(dataclasses.asdict(DemoSettings())))
-    saved = {**defaults, **json.loads(settings_path.read_text())} if settings_path.exists() else current
+    saved = {**defaults, **stored} if stored is not None else current
     if saved != current:
         raise ValueError(f"{out} holds a demo run with other settings ({settings_path}); pass --fresh to start "
                          "over or --out to use another directory")

@@ -11,7 +11,7 @@ model was put together; one compiled program runs any layer, one more the final 
 
 The rows are those of `perplexity.perplexity_rows` (per-row NLL sums and token counts) up to float rounding:
 the layers run one at a time rather than in one loop. Memory: the hidden states along the current path, per
-text, [depth + 1] x tokens x hidden_size float32, at most `max_state_bytes` (2 GiB): past that, a text's
+text, [depth + 1] x tokens x hidden_size in the compute dtype, at most `max_state_bytes` (2 GiB): past that, a text's
 batches are walked in groups, every model once per group; and one copy of each distinct layer.
 """
 
@@ -58,18 +58,18 @@ def head_layer_equivalents(config: ModelConfig) -> float:
     return d * config.vocab_size / layer
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _run_layer(layer: Params, config: ModelConfig, hidden: jax.Array, segment_ids: jax.Array,
-               positions: jax.Array) -> jax.Array:
+               positions: jax.Array, dtype: Any) -> jax.Array:
     stack = jax.tree.map(lambda x: x[None], layer)
     h, _ = run_layers(stack, jnp.zeros((1,), jnp.int32), 1, config, hidden, segment_ids=segment_ids,
-                      positions=positions)
+                      positions=positions, dtype=dtype)
     return h
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _embed(embed: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array:
-    return embed_tokens({"embed": embed}, config, tokens)
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _embed(embed: Params, config: ModelConfig, tokens: jax.Array, dtype: Any) -> jax.Array:
+    return embed_tokens({"embed": embed}, config, tokens, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
@@ -102,14 +102,15 @@ class _Path:
 
 class SharedPrefixEval:
     """Collect models with `add` (each is fingerprinted and its distinct pieces kept; the caller may drop its
-    params), then `run` yields their rows, running each shared prefix of layers once per text."""
+    params), then `run` yields their rows, running each shared prefix of layers once per text. `dtype`: the
+    compute dtype of every layer and LM head (models.matmul: float32 accumulation; the NLL in float32)."""
 
     def __init__(self, texts: Mapping[str, Sequence[Mapping[str, np.ndarray]]], *, chunk: int = 128,
-                 max_state_bytes: int = MAX_STATE_BYTES) -> None:
+                 max_state_bytes: int = MAX_STATE_BYTES, dtype: Any = jnp.float32) -> None:
         if not texts or any(not batches for batches in texts.values()):
             raise ValueError(f"every text needs at least one evaluation batch, got {list(texts)}")
         self.texts = {t: [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in bs] for t, bs in texts.items()}
-        self.chunk, self.max_state_bytes = chunk, max_state_bytes
+        self.chunk, self.max_state_bytes, self.dtype = chunk, max_state_bytes, jnp.dtype(dtype)
         self.config: ModelConfig | None = None
         self.members: dict[Hashable, Member] = {}
         self._layers: dict[str, Params] = {}
@@ -165,10 +166,10 @@ class SharedPrefixEval:
         assert self.config is not None
         for d in range(keep, len(want)):
             if d == 0:
-                states = [_embed(self._embeds[member.embed], self.config, b["tokens"]) for b in batches]
+                states = [_embed(self._embeds[member.embed], self.config, b["tokens"], self.dtype) for b in batches]
             else:
                 layer = self._layers[want[d]]
-                states = [_run_layer(layer, self.config, h, b["segment_ids"], b["positions"])
+                states = [_run_layer(layer, self.config, h, b["segment_ids"], b["positions"], self.dtype)
                           for h, b in zip(path.states[-1], batches)]
                 self.layers_run += count
             path.keys.append(want[d])
@@ -235,7 +236,7 @@ class SharedPrefixEval:
         assert self.config is not None
         out = {}
         for text, batches in self.texts.items():
-            per_batch = max(b["tokens"].size for b in batches) * self.config.hidden_size * 4 * depth
+            per_batch = max(b["tokens"].size for b in batches) * self.config.hidden_size * self.dtype.itemsize * depth
             size = max(1, self.max_state_bytes // per_batch)
             out[text] = [batches[i:i + size] for i in range(0, len(batches), size)]
         return out

@@ -59,10 +59,20 @@ def _next(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: floa
     return sample_logits(logits, u, temperature)
 
 
+def matmul_operands(params: Params, dtype: Any) -> Params:
+    """`params` with every matmul operand (kernels, embedding) already in `dtype`: the cast every layer's matmul
+    makes anyway (models/matmul.py), done once for a whole decoding loop instead of at every step."""
+    def cast(path: Any, x: jax.Array) -> jax.Array:
+        name = getattr(path[-1], "key", "")
+        return x.astype(dtype) if name in ("kernel", "embedding") and x.dtype != dtype else x
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "new_tokens", "temperature", "dtype"))
 def _generate(params: Params, prompts: jax.Array, keys: jax.Array, *, config: ModelConfig, new_tokens: int,
               temperature: float, dtype: Any) -> jax.Array:
     batch, prompt_len = prompts.shape
+    params = matmul_operands(params, dtype)
     # the prompt fills a cache of exactly its length; then the steps run in chunks of _WINDOW, and before each
     # chunk the cache grows (one copy) to what that chunk needs: every step's attention reads the slots written
     # so far plus at most _WINDOW empty ones, not the whole final cache (on a CPU, reading the cache is most of

@@ -47,7 +47,8 @@ DATA_ORDERS = KL_ORDERS + (BY_LOSS,)  # orders chosen from calibration text
 
 
 def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
-                 chunk: int = 256, log: Callable[[str], None] | None = None) -> dict[int, float]:
+                 chunk: int = 256, log: Callable[[str], None] | None = None, dtype: Any = jnp.float32
+                 ) -> dict[int, float]:
     """Mean next-token NLL (nats) of the teacher with ONE multi-layer block replaced by its student layer,
     for every multi-layer block (student layer id -> NLL). `student`, `teacher`: (config, params) pairs."""
     batches = list(batches)
@@ -58,7 +59,7 @@ def block_scores(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[
     for i in patch_sequence(plan, "first-to-last"):
         t0 = time.perf_counter()
         model: Model = interpolate(student, teacher, plan, every - {i})
-        scores[i] = mean_nll(model.params, model.config, batches, chunk=chunk)
+        scores[i] = mean_nll(model.params, model.config, batches, chunk=chunk, dtype=dtype)
         if log:
             log(f"block {i} (teacher layers {list(plan.blocks[i])}) as the only student layer: "
                 f"calibration NLL {scores[i]:.4f} ({time.perf_counter() - t0:.1f}s)")
@@ -75,33 +76,33 @@ def by_loss_order(scores: Mapping[int, float]) -> tuple[int, ...]:
 TEACHER_CACHE_BYTES = 2 << 30
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "chunk", "dtype"))
 def _kl_sums(params: Any, config: Any, batch: Mapping[str, jax.Array], teacher_final: jax.Array,
-             teacher_head: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+             teacher_head: jax.Array, chunk: int, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     out = forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                  return_logits=False)
+                  return_logits=False, dtype=dtype)
     mask = batch["loss_mask"].astype(jnp.float32)
     nll, kl = chunked_ce_kl(out.final_hidden, head_kernel(params, config), teacher_final, teacher_head,
                             batch["targets"], mask, chunk=chunk, tau=1.0, use_ce=True, use_kl=True)
     return kl, nll, jnp.sum(mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _final_hidden(params: Any, config: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _final_hidden(params: Any, config: Any, batch: Mapping[str, jax.Array], dtype: Any) -> jax.Array:
     return forward(params, config, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   return_logits=False).final_hidden
+                   return_logits=False, dtype=dtype).final_hidden
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_slots"))
+@functools.partial(jax.jit, static_argnames=("config", "num_slots", "dtype"))
 def _prefix_states(stack: Any, layer_ids: jax.Array, count: jax.Array, slots: jax.Array, hidden: jax.Array,
-                   batch: Mapping[str, jax.Array], config: Any, num_slots: int) -> jax.Array:
+                   batch: Mapping[str, jax.Array], config: Any, num_slots: int, dtype: Any) -> jax.Array:
     """The outputs of chosen layers (see `run_layers`) of a model run from its embedding output `hidden`."""
     _, buf = run_layers(stack, layer_ids, count, config, hidden, segment_ids=batch["segment_ids"],
-                        positions=batch["positions"], slots=slots, num_slots=num_slots)
+                        positions=batch["positions"], slots=slots, num_slots=num_slots, dtype=dtype)
     return buf
 
 
-_embed = jax.jit(embed_tokens, static_argnames=("config",))
+_embed = jax.jit(embed_tokens, static_argnames=("config", "dtype"))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
@@ -144,15 +145,15 @@ def _ce_kl_to_cached(final: jax.Array, head: jax.Array, p_t: jax.Array, neg_entr
     return ce_sum, kl_sum
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "chunk", "dtype"))
 def _suffix_kl_sums(stack: Any, layer_ids: jax.Array, count: jax.Array, norm: Any, head: jax.Array,
                     hidden: jax.Array, batch: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], config: Any,
-                    chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    chunk: int, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`_kl_sums` of a model whose layers from some point on are `layer_ids[:count]` of `stack` (student layers,
     then teacher layers), run from `hidden` (the input of the first of them), with final norm `norm` and LM
     head `head`: one program for every such model of one architecture and batch shape."""
     h, _ = run_layers(stack, layer_ids, count, config, hidden, segment_ids=batch["segment_ids"],
-                      positions=batch["positions"])
+                      positions=batch["positions"], dtype=dtype)
     final = final_norm(norm, config, h)
     mask = batch["loss_mask"].astype(jnp.float32)
     if "p" in teacher:
@@ -186,9 +187,10 @@ class _WholeModelScorer(_Scorer):
     reference the fast scorer is tested against)."""
 
     def __init__(self, student: Model, teacher: Model, plan: LayerPlan, batches: list[dict[str, jax.Array]],
-                 chunk: int) -> None:
+                 chunk: int, dtype: Any = jnp.float32) -> None:
         self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
-        self.t_finals = [_final_hidden(teacher.params, teacher.config, b) for b in batches]
+        self.dtype = jnp.dtype(dtype)
+        self.t_finals = [_final_hidden(teacher.params, teacher.config, b, self.dtype) for b in batches]
         self.t_head = head_kernel(teacher.params, teacher.config)
 
     def score(self, base: list[int], candidates: list[list[int]]) -> list[tuple[float, float]]:
@@ -198,7 +200,8 @@ class _WholeModelScorer(_Scorer):
             model = interpolate(self.student, self.teacher, self.plan, patched_first(self.plan, blocks))
             sums = np.zeros(3)
             for b, tf in zip(self.batches, self.t_finals):
-                sums += [float(x) for x in _kl_sums(model.params, model.config, b, tf, self.t_head, self.chunk)]
+                sums += [float(x) for x in _kl_sums(model.params, model.config, b, tf, self.t_head, self.chunk,
+                                                           self.dtype)]
             scores.append(_means(sums))
         return scores
 
@@ -209,8 +212,9 @@ class _SuffixScorer(_Scorer):
     The teacher's distribution per token is cached when it takes at most `teacher_cache_bytes`."""
 
     def __init__(self, student: Model, teacher: Model, plan: LayerPlan, batches: list[dict[str, jax.Array]],
-                 chunk: int, teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> None:
+                 chunk: int, teacher_cache_bytes: int = TEACHER_CACHE_BYTES, dtype: Any = jnp.float32) -> None:
         self.student, self.teacher, self.plan, self.batches, self.chunk = student, teacher, plan, batches, chunk
+        self.dtype = jnp.dtype(dtype)
 
         def concat(path: Any, s: jax.Array, t: jax.Array) -> jax.Array:
             if s.dtype != t.dtype:
@@ -222,7 +226,7 @@ class _SuffixScorer(_Scorer):
         self.models = {STUDENT: student, TEACHER: teacher}
         self.heads = {k: (m.params["final_norm"], head_kernel(m.params, m.config)) for k, m in self.models.items()}
         t_head = self.heads[TEACHER][1]
-        t_finals = [_final_hidden(teacher.params, teacher.config, b) for b in batches]
+        t_finals = [_final_hidden(teacher.params, teacher.config, b, self.dtype) for b in batches]
         size = sum(b["tokens"].size for b in batches) * teacher.config.vocab_size * 4
         self.teacher_cached = size <= teacher_cache_bytes
         if self.teacher_cached:
@@ -235,7 +239,7 @@ class _SuffixScorer(_Scorer):
     def _embedding(self, source: str) -> list[jax.Array]:
         if source not in self._embedded:
             m = self.models[source]
-            self._embedded[source] = [_embed(m.params, m.config, b["tokens"]) for b in self.batches]
+            self._embedded[source] = [_embed(m.params, m.config, b["tokens"], self.dtype) for b in self.batches]
         return self._embedded[source]
 
     def _ids(self, lay: Layout, start: int) -> tuple[jax.Array, jax.Array, ModelConfig]:
@@ -269,7 +273,7 @@ class _SuffixScorer(_Scorer):
                                 jnp.int32)
             ids, _, config = self._ids(current, 0)
             count = jnp.asarray(inner[-1], jnp.int32)  # no layer after the last wanted output
-            bufs = [_prefix_states(self.stack, ids, count, slots, h, b, config, num_slots)
+            bufs = [_prefix_states(self.stack, ids, count, slots, h, b, config, num_slots, self.dtype)
                     for b, h in zip(self.batches, self._embedding(current.embedding))]
             hidden = {i: [buf[k] for buf in bufs] for k, i in enumerate(inner)}
         scores = []
@@ -280,15 +284,15 @@ class _SuffixScorer(_Scorer):
             sums = np.zeros(3)
             for b, h, target in zip(self.batches, inputs, self.targets):
                 sums += [float(x) for x in _suffix_kl_sums(self.stack, ids, count, norm, head, h, b, target,
-                                                           config, self.chunk)]
+                                                           config, self.chunk, self.dtype)]
             scores.append(_means(sums))
         return scores
 
 
 def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterable[Mapping[str, np.ndarray]], *,
                     chunk: int = 128, log: Callable[[str], None] | None = None, fast: bool = True,
-                    teacher_cache_bytes: int = TEACHER_CACHE_BYTES, from_teacher: int = 0
-                    ) -> tuple[tuple[int, ...], list[dict[str, float]]]:
+                    teacher_cache_bytes: int = TEACHER_CACHE_BYTES, from_teacher: int = 0,
+                    dtype: Any = jnp.float32) -> tuple[tuple[int, ...], list[dict[str, float]]]:
     """KLPatch: the multi-layer blocks in patch order, chosen greedily by KL(teacher || model) on `batches`,
     and one record per size between student and teacher {block, num_layers, kl, nll} (mean nats per token;
     `block`: the one patched to reach that size). `student`, `teacher`: (config, params) pairs. The teacher's
@@ -301,7 +305,8 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
 
     `fast` (the default) runs, per step, the layers the candidates share once and each candidate only from the
     first layer it changes, against the teacher's distribution, cached when it takes at most
-    `teacher_cache_bytes`; `fast=False` builds and runs every candidate whole (the reference of the tests)."""
+    `teacher_cache_bytes`; `fast=False` builds and runs every candidate whole (the reference of the tests).
+    `dtype`: the compute dtype of every forward pass (models.matmul: float32 accumulation; KL in float32)."""
     batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in batches]
     if not batches:
         raise ValueError("kl_greedy_order needs at least one calibration batch")
@@ -311,8 +316,8 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
     most = max(len(multi) - 1, 0)
     if isinstance(from_teacher, bool) or not 0 <= from_teacher <= most:
         raise ValueError(f"from_teacher must be in [0, {most}] (multi-layer blocks - 1), got {from_teacher!r}")
-    scorer = _SuffixScorer(s_model, t_model, plan, batches, chunk, teacher_cache_bytes) if fast \
-        else _WholeModelScorer(s_model, t_model, plan, batches, chunk)
+    scorer = _SuffixScorer(s_model, t_model, plan, batches, chunk, teacher_cache_bytes, dtype) if fast \
+        else _WholeModelScorer(s_model, t_model, plan, batches, chunk, dtype)
     at: dict[int, tuple[float, float]] = {}  # k patched blocks -> (KL, NLL) of that step's model
 
     def choose(base: list[int], options: list[list[int]], rest: list[int], side: str) -> int:
@@ -345,15 +350,15 @@ def kl_greedy_order(student: Any, teacher: Any, plan: LayerPlan, batches: Iterab
 
 
 def order_from_data(name: str, student: Any, teacher: Any, plan: LayerPlan,
-                    batches: Iterable[Mapping[str, np.ndarray]], *, log: Callable[[str], None] | None = None
-                    ) -> tuple[tuple[int, ...], dict[str, Any]]:
+                    batches: Iterable[Mapping[str, np.ndarray]], *, log: Callable[[str], None] | None = None,
+                    dtype: Any = jnp.float32) -> tuple[tuple[int, ...], dict[str, Any]]:
     """The order `name` (one of DATA_ORDERS) chosen on calibration `batches`, and what it was chosen from
     (`kl_steps` or `block_scores`, for the run's records). `student`, `teacher`: (config, params) pairs."""
     if name in KL_ORDERS:
         back = len(plan.multi_layer_blocks) // 2 if name == KL_TWO_SIDED else 0
-        order, steps = kl_greedy_order(student, teacher, plan, batches, log=log, from_teacher=back)
+        order, steps = kl_greedy_order(student, teacher, plan, batches, log=log, from_teacher=back, dtype=dtype)
         return order, {"kl_steps": steps}
     if name == BY_LOSS:
-        scores = block_scores(student, teacher, plan, batches, log=log)
+        scores = block_scores(student, teacher, plan, batches, log=log, dtype=dtype)
         return by_loss_order(scores), {"block_scores": {str(k): round(v, 5) for k, v in scores.items()}}
     raise ValueError(f"unknown data-chosen order {name!r}; known: {', '.join(DATA_ORDERS)}")
