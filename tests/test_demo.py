@@ -22,8 +22,12 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
     for bar in ("teacher text", "kl-greedy order", "family export", "eval"):  # the long loops' ETAs, on stderr
         assert f"[demo] {bar}: 100%" in progress
     assert "\r" not in progress.split("distill:")[0].rstrip("\r")  # into a log: one line per redraw
+    assert "[demo] compute dtype: " in printed  # auto, resolved and said
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["compute_dtype"] in ("float32", "bfloat16")
     stages = json.loads((out / "stages.json").read_text())
     assert list(stages) == list(STAGES)
+    assert stages["data"]["teacher_text"]["dtype"] == settings["compute_dtype"]
     family = json.loads((out / "family" / "family.json").read_text())
     sizes = [s["num_layers"] for s in family["sizes"]]
     assert sizes[0] == 16 and sizes[-1] == 30
@@ -96,3 +100,26 @@ def test_quick_demo_writes_every_output_and_resumes(tmp_path, capsys):
         from boomerang_jax.demo.run import DemoSettings, run_demo
 
         run_demo(DemoSettings.quick_settings(out=str(out), steps=4))
+
+
+def test_compute_dtype_auto_keeps_a_runs_own_dtype_and_refuses_another(tmp_path):
+    import dataclasses
+
+    from boomerang_jax.demo.run import _resolve_dtype, run_demo
+    from boomerang_jax.demo.settings import DemoSettings
+
+    assert _resolve_dtype(DemoSettings(compute_dtype="float32"), {"compute_dtype": "bfloat16"}).compute_dtype == \
+        "float32"
+    assert _resolve_dtype(DemoSettings(), {"compute_dtype": "bfloat16"}).compute_dtype == "bfloat16"
+    assert _resolve_dtype(DemoSettings(), None).compute_dtype in ("float32", "bfloat16")  # this machine's
+    with pytest.raises(ValueError, match="compute_dtype"):
+        DemoSettings(compute_dtype="fp16")
+    # a run begun before the setting existed ran in float32: bfloat16 is another setting, refused untouched
+    out = tmp_path / "old"
+    out.mkdir()
+    legacy = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(DemoSettings(out=str(out))))).items()
+              if k != "compute_dtype"}
+    (out / "settings.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(DemoSettings(out=str(out), compute_dtype="bfloat16"))
+    assert json.loads((out / "settings.json").read_text()) == legacy

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from boomerang_jax.models.matmul import mixed_dot
+from boomerang_jax.models.matmul import fast_compute_dtype, mixed_dot
 
 
 def _dots(jaxpr) -> list:
@@ -54,3 +54,10 @@ def test_bf16_forward_and_backward_dots_take_bf16_operands_and_accumulate_in_flo
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
         assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+def test_fast_compute_dtype_follows_the_measured_ratio_and_its_threshold():
+    name, ratio = fast_compute_dtype()
+    assert ratio > 0 and name == ("bfloat16" if ratio >= 1.5 else "float32")  # a CPU: measured
+    assert fast_compute_dtype(min_speedup=0.0)[0] == "bfloat16"
+    assert fast_compute_dtype(min_speedup=float("inf"))[0] == "float32"

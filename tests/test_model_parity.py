@@ -78,6 +78,23 @@ def test_bf16_compute_with_fp32_params_stays_close(tiny):
     assert err < 0.1 * np.abs(f32).max(), err
 
 
+def test_float32_residual_stream_with_bf16_compute_keeps_the_sums_in_float32(tiny):
+    _, ck = tiny
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, ck.config.vocab_size, (2, 9)))
+    f32 = forward(ck.params, ck.config, tokens, hidden_indices=(0, 1))
+    bf16 = forward(ck.params, ck.config, tokens, hidden_indices=(0, 1), dtype=jnp.bfloat16)
+    mixed = forward(ck.params, ck.config, tokens, hidden_indices=(0, 1), dtype=jnp.bfloat16,
+                    residual_dtype=jnp.float32)
+    assert [h.dtype for h in mixed.hidden_states] == [jnp.float32] * 2
+    assert [h.dtype for h in bf16.hidden_states] == [jnp.bfloat16] * 2
+    assert mixed.final_hidden.dtype == jnp.bfloat16  # what the LM head's bf16 matmul reads
+    # the stream starts unrounded (the embedding output is float32's exactly), then only the matmuls round
+    np.testing.assert_array_equal(np.asarray(mixed.hidden_states[0]), np.asarray(f32.hidden_states[0]))
+    assert not np.array_equal(np.asarray(bf16.hidden_states[0], np.float32), np.asarray(f32.hidden_states[0]))
+    scale = np.abs(np.asarray(f32.logits)).max()
+    assert np.abs(np.asarray(mixed.logits) - np.asarray(f32.logits)).max() < 0.1 * scale
+
+
 def test_remat_keeps_logits_and_gradients():
     from boomerang_jax.models.config import ModelConfig
     from tests.conftest import TINY_CONFIGS

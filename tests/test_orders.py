@@ -127,6 +127,21 @@ def test_fast_kl_greedy_order_chooses_what_scoring_whole_models_chooses(name, kn
             assert fast[c] == pytest.approx(whole[c], rel=REL, abs=ABS)
 
 
+def test_bf16_kl_scores_match_whole_bf16_models_and_stay_near_float32():
+    teacher = _teacher("llama-tied")
+    plan = LayerPlan.from_knobs(8, every=2, first=1, last=2)
+    s_model, t_model = orders.Model(*_student(teacher, plan)), orders.Model(*teacher)
+    jb = [{k: jnp.asarray(v) for k, v in b.items()} for b in _batches(teacher[0].vocab_size)]
+    rest = list(plan.multi_layer_blocks)
+    fast = orders._SuffixScorer(s_model, t_model, plan, jb, 8, dtype=jnp.bfloat16).step([rest[0]], rest[1:])
+    whole = orders._WholeModelScorer(s_model, t_model, plan, jb, 8, dtype=jnp.bfloat16).step([rest[0]], rest[1:])
+    exact = orders._WholeModelScorer(s_model, t_model, plan, jb, 8).step([rest[0]], rest[1:])
+    for c in rest[1:]:
+        assert fast[c] == pytest.approx(whole[c], rel=1e-2, abs=1e-3)
+        assert fast[c] == pytest.approx(exact[c], rel=5e-2, abs=1e-2)
+        assert fast[c] != pytest.approx(exact[c], rel=1e-7, abs=0)  # bf16 really ran
+
+
 def test_every_candidate_of_every_step_runs_in_one_compiled_program():
     teacher = _teacher("llama-tied", seed=2, num_layers=12)  # 5 multi-layer blocks: 14 candidates in 4 steps
     plan = LayerPlan.from_knobs(12, every=2, first=1, last=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,6 +64,23 @@ def test_rows_equal_evaluating_each_model_on_its_own(family, max_state_bytes):
         _, want_sums, want_counts = perplexity_rows(params, cfg, texts[text], chunk=8)
         np.testing.assert_array_equal(counts, want_counts)
         np.testing.assert_allclose(sums, want_sums, rtol=2e-5, err_msg=str((ident, text)))
+
+
+def test_bf16_rows_equal_each_model_evaluated_on_its_own_in_bf16(family):
+    models, texts = family
+    ev = SharedPrefixEval(texts, chunk=8, dtype=jnp.bfloat16)
+    picked = [("boomerang", "last-to-first", 2), ("naive", "first-to-last", 1), ("shortgpt", (2, 5)), ("teacher",)]
+    for ident in picked:
+        ev.add(ident, *models[ident])
+    got = {(ident, text): sums for ident, text, sums, _, _ in ev.run({i: ["a", "b"] for i in picked})}
+    for (ident, text), sums in got.items():
+        cfg, params = models[ident]
+        _, want, _ = perplexity_rows(params, cfg, texts[text], chunk=8, dtype=jnp.bfloat16)
+        _, exact, _ = perplexity_rows(params, cfg, texts[text], chunk=8)
+        # layers run one at a time vs in one loop: the same bf16 roundings, up to float32 accumulation order
+        np.testing.assert_allclose(sums, want, rtol=1e-3, err_msg=str((ident, text)))
+        assert not np.allclose(sums, exact, rtol=1e-6)  # bf16 really ran
+        np.testing.assert_allclose(sums, exact, rtol=5e-2)  # and stays near the float32 rows
 
 
 def test_each_shared_prefix_runs_once_per_text(family):

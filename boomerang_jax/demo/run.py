@@ -348,7 +348,10 @@ def stage_report(s: DemoSettings, out: Path) -> dict[str, Any]:
         _say(line)
     family = read_family(out / "family")
     mid = family["sizes"][len(family["sizes"]) // 2]
-    report = verify_export(out / "family" / mid["dir"], num_sequences=2, seq_len=32)
+    # atol 1e-2 rather than verify's 1e-3: this teacher's residual stream reaches ~5,000, where float32 itself
+    # is off by ~1e-3 in the logits (transformers' float32 vs float64: 8.6e-4 on one demo size; docs/DECISIONS.md)
+    # while an export error is of order 1; the relative bound (1e-4 of the largest logit) stays
+    report = verify_export(out / "family" / mid["dir"], num_sequences=2, seq_len=32, atol=1e-2)
     (out / "verify.txt").write_text(str(report) + "\n")
     _say(str(report))
     if not report.ok:

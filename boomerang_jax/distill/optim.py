@@ -35,6 +35,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # activations / matmul operands of both models
     teacher_dtype: str = "bfloat16"  # storage of the frozen teacher
     param_dtype: str = "float32"  # student master weights and optimiser moments
+    # the residual stream of both models between layers (None: compute_dtype); float32 with bf16 compute keeps
+    # the layers' sums and their gradients in float32, every matmul still bf16 (docs/DECISIONS.md, measured)
+    residual_dtype: str | None = None
     remat: str = "full"  # student layer remat policy: one of models.transformer.REMAT_POLICIES
     # Patch-aware distillation (docs/DECISIONS.md): step s trains the student with patch_sizes[s % len] random
     # multi-layer blocks patched by their frozen teacher blocks (0 = the plain student). () = the paper's recipe.
@@ -62,8 +65,9 @@ class TrainConfig:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        for name in ("compute_dtype", "teacher_dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+        for name in ("compute_dtype", "teacher_dtype", "param_dtype", "residual_dtype"):
+            if getattr(self, name) is not None:
+                jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
 
     @property
     def warmup(self) -> int:

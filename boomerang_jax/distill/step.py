@@ -60,13 +60,15 @@ def distill_forward(
     loss_cfg: LossConfig,
     compute_dtype: Any = jnp.bfloat16,
     remat: str = "none",
+    residual_dtype: Any = None,
     activation_sharding: NamedSharding | None = None,
     hybrid: Hybrid | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss and metrics of one (micro-)batch: teacher forward without gradient, student forward, chunked loss.
     With `hybrid` (`hybrid_arrays`), the model trained is the student with those blocks patched."""
     dtype = jnp.dtype(compute_dtype)
-    common = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], return_logits=False, dtype=dtype)
+    common = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], return_logits=False, dtype=dtype,
+                  residual_dtype=residual_dtype)
     teacher = forward(teacher_params, teacher_config, batch["tokens"],
                       hidden_indices=plan.teacher_hidden_indices(), hidden_buffer=True, **common)
     teacher = jax.lax.stop_gradient(teacher)
@@ -240,7 +242,7 @@ class Distiller:
         return distill_forward(
             params, teacher_params, batch, student_config=self.student_config, teacher_config=self.teacher_config,
             plan=self.plan, loss_cfg=self.loss_cfg, compute_dtype=cfg.compute_dtype, remat=cfg.remat,
-            activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)), hybrid=hybrid,
+            residual_dtype=cfg.residual_dtype, activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)), hybrid=hybrid,
         )
 
     def _eval_step(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:

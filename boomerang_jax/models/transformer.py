@@ -247,6 +247,9 @@ class Transformer(nn.Module):
     # True: keep only the requested layer outputs (a carried buffer) instead of stacking every layer's output.
     # Use it for forward passes that are not differentiated (the teacher); with gradients, stacking is cheaper.
     hidden_buffer: bool = False
+    # dtype of the residual stream between layers (None: `dtype`). float32 with a bf16 `dtype` keeps the sums of
+    # the layers' outputs, and their gradients, in float32 while every matmul stays bf16 (docs/DECISIONS.md).
+    residual_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -265,9 +268,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         idx = _normalise_indices(hidden_indices, c.num_layers)
-        embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, dtype=self.dtype, name="embed",
+        stream = self.residual_dtype or self.dtype
+        embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, dtype=stream, name="embed",
                          embedding_init=nn.initializers.normal(0.02))
-        h = embed(tokens).astype(self.dtype)
+        h = embed(tokens).astype(stream)
         cos, sin = rope_tables(c, positions)
         if cache is not None:
             return self._decode(embed, h, cos, sin, positions, cache, cache_index, return_logits)
@@ -296,7 +300,7 @@ class Transformer(nn.Module):
         else:
             h, stacked = layers(h, cos, sin, mask, slots)
             per_layer = {i: stacked[i - 1] for i in inner}
-        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
+        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h).astype(self.dtype)
         picked = []
         for i in idx:
             picked.append(h_in if i == 0 else final if i == c.num_layers else per_layer[i])
@@ -305,7 +309,7 @@ class Transformer(nn.Module):
 
     def _logits(self, embed: nn.Embed, final: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
-            return embed.attend(final)
+            return embed.attend(final.astype(self.dtype)).astype(self.dtype)
         return Dense(self.config.vocab_size, False, self.dtype, self.param_dtype, name="lm_head")(final)
 
     def _decode(self, embed: nn.Embed, h: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
@@ -329,7 +333,7 @@ class Transformer(nn.Module):
         zero = jnp.zeros((), jnp.int32)
         at = (zero, zero, zero, index, zero)
         new_cache = tuple(jax.lax.dynamic_update_slice(old, new, at) for old, new in zip(cache, (new_k, new_v)))
-        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h)
+        final = Norm(c.norm_type, c.norm_eps, c.hidden_size, self.param_dtype, name="final_norm")(h).astype(self.dtype)
         logits = self._logits(embed, final) if return_logits else None
         return ModelOutput(logits=logits, hidden_states=(), final_hidden=final, last_layer_output=h, cache=new_cache)
 
@@ -365,6 +369,7 @@ def forward(
     hidden_buffer: bool = False,
     cache: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | int | None = None,
+    residual_dtype: Any = None,
 ) -> ModelOutput:
     """Functional forward pass on a plain parameter dict (docs/PARAMS.md).
 
@@ -376,7 +381,7 @@ def forward(
             raise ValueError("hidden states are not collected when decoding with a cache")
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(tokens.shape[-1]), tokens.shape)
-    model = Transformer(config, dtype=dtype, remat=remat, hidden_buffer=hidden_buffer)
+    model = Transformer(config, dtype=dtype, remat=remat, hidden_buffer=hidden_buffer, residual_dtype=residual_dtype)
     return model.apply({"params": params}, tokens, segment_ids, positions, tuple(hidden_indices), return_logits,
                        cache, cache_index)
 
