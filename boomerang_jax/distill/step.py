@@ -242,7 +242,8 @@ class Distiller:
         return distill_forward(
             params, teacher_params, batch, student_config=self.student_config, teacher_config=self.teacher_config,
             plan=self.plan, loss_cfg=self.loss_cfg, compute_dtype=cfg.compute_dtype, remat=cfg.remat,
-            residual_dtype=cfg.residual_dtype, activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)), hybrid=hybrid,
+            residual_dtype=cfg.residual_dtype,
+            activation_sharding=NamedSharding(self.mesh, P(parallel.BATCH_AXES, None, None)), hybrid=hybrid,
         )
 
     def _eval_step(self, params: Params, teacher_params: Params, batch: Batch) -> dict[str, jax.Array]:
