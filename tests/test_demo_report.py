@@ -223,4 +223,9 @@ def test_expected_times_come_from_the_settings(tmp_path):
     _, how = expected("eval", dataclasses.replace(s, also_orders=("last-to-first",)), tmp_path)
     assert how.startswith("116 evaluations (2 texts)")  # + 13 last-to-first sizes per text
     assert expected("eval", s, Path(tmp_path / "none"))[1].startswith("unknown")
+    # a bf16 run expects its own measured rates: less time for every stage whose rate bf16 changes
+    fp32, bf16 = (dataclasses.replace(s, compute_dtype=d) for d in ("float32", "bfloat16"))
+    for stage in ("data", "distill", "family", "eval"):
+        assert expected(stage, bf16, tmp_path)[0] < expected(stage, fp32, tmp_path)[0], stage
+    assert expected("teacher", bf16, tmp_path) == expected("teacher", fp32, tmp_path)
     assert [fmt_seconds(x) for x in (0.2, 40, 600, 7200)] == ["1 s", "40 s", "10 min", "2.0 h"]

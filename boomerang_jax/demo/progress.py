@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from boomerang_jax.demo.settings import RATES, DemoSettings
+from boomerang_jax.demo.settings import DemoSettings, rates
 from boomerang_jax.surgery import LayerPlan, num_steps
 from boomerang_jax.surgery.family_export import parse_sizes
 from boomerang_jax.surgery.orders import DATA_ORDERS, KL_ORDERS
@@ -158,7 +158,7 @@ def _num_evals(s: DemoSettings, plan: LayerPlan) -> int:
 
 def expected(stage: str, s: DemoSettings, out: Path) -> tuple[float, str]:
     """The expected time of a stage (seconds) and how it was estimated, from the settings and RATES."""
-    r = RATES
+    r = rates(s.compute_dtype)
     if stage == "teacher":
         return r["teacher_s"], "dequantise and write the teacher"
     if stage == "data":

@@ -41,7 +41,7 @@ from boomerang_jax.data.teacher_text import write_teacher_text
 from boomerang_jax.data.tokenize import DocumentEncoder, load_tokenizer
 from boomerang_jax.demo.progress import LogProgress, StepRate, expected, fmt_seconds, greedy_weights, progress_bar
 from boomerang_jax.demo.report import split_texts, verdict, write_report
-from boomerang_jax.demo.settings import HELDOUT_TEXTS, RATES, STAGES, DemoSettings
+from boomerang_jax.demo.settings import HELDOUT_TEXTS, STAGES, DemoSettings, rates
 from boomerang_jax.distill.checkpoint import read_student_checkpoint
 from boomerang_jax.distill.config import RunConfig, build_run_config
 from boomerang_jax.distill.train import run_distillation
@@ -171,7 +171,7 @@ def distill_config(s: DemoSettings, out: Path) -> RunConfig:
 
 def stage_distill(s: DemoSettings, out: Path) -> dict[str, Any]:
 
-    step_s = s.batch * s.seq / RATES["train_tokens_per_s"]
+    step_s = s.batch * s.seq / rates(s.compute_dtype)["train_tokens_per_s"]
     with StepRate(out / "distill" / "metrics.jsonl", s.steps, step_s, after=max(1, min(5, s.steps - 1))):
         summary = run_distillation(distill_config(s, out), log=_say)
     if summary["status"] != "finished":
@@ -306,7 +306,8 @@ def stage_eval(s: DemoSettings, out: Path) -> dict[str, Any]:
             del params
             building.update(1)
     walk = shared.plan_cost(todo)
-    per = RATES["eval_overhead_s"] + s.eval_tokens / RATES["eval_tokens_per_s"]
+    r = rates(s.compute_dtype)
+    per = r["eval_overhead_s"] + s.eval_tokens / r["eval_tokens_per_s"]
     _say(f"eval: {pending} evaluations to run ({len(jobs) * len(s.heldout) - pending} done already), "
          f"{', '.join(f'{n} tokens of {t}' for t, n in tokens.items())}; {shared.distinct_layers} distinct layers, "
          f"{walk['run']} of {walk['needed']} layer passes run (shared prefixes once): expected "

@@ -38,6 +38,22 @@ RATES = {
 }
 
 
+# The rates that bf16 compute changes, measured on the same VM's Intel Xeon (AMX) session of 2026-12-03 (a
+# `make demo` that chose bf16 by itself: 31.8 min with the install).
+BF16_RATES = {
+    "sample_tokens_per_s": 415.0,
+    "train_tokens_per_s": 233.0,          # 2.2 s per step of 4 x 128 tokens
+    "kl_candidate_s": 3.0,
+    "eval_tokens_per_s": 975.0,
+    "eval_overhead_s": 2.0,
+}
+
+
+def rates(compute_dtype: str) -> dict[str, float]:
+    """RATES for a run in `compute_dtype` (bfloat16: with BF16_RATES' measurements)."""
+    return {**RATES, **BF16_RATES} if compute_dtype == "bfloat16" else dict(RATES)
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     out: str = "runs/demo"
