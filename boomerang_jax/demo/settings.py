@@ -41,7 +41,6 @@ RATES = {
 # The rates that bf16 compute changes, measured on the same VM's Intel Xeon (AMX) session of 2026-12-03 (a
 # `make demo` that chose bf16 by itself: 31.8 min with the install).
 BF16_RATES = {
-    "sample_tokens_per_s": 415.0,
     "train_tokens_per_s": 233.0,          # 2.2 s per step of 4 x 128 tokens
     "kl_candidate_s": 3.0,
     "eval_tokens_per_s": 975.0,
@@ -85,7 +84,8 @@ class DemoSettings:
     sizes: str = "all"
     quick: bool = False
     distill_overrides: tuple[str, ...] = ()  # extra `section.key=value` for the distillation run config
-    # The compute dtype of every stage (sampling, distillation, the order, evaluation); matmuls accumulate in
+    # The compute dtype of distillation, the order and evaluation (the teacher's text is always sampled in
+    # float32: demo/run.py SAMPLE_DTYPE); matmuls accumulate in
     # float32 either way (models/matmul.py). auto: bfloat16 where this machine's bf16 matmuls are >= 1.5x as fast
     # as float32 ones (CPUs with AMX or AVX512-BF16; accelerators), else float32; a run keeps the dtype it began
     # with.
