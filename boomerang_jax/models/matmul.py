@@ -25,9 +25,7 @@ def mixed_dot(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
     casts, their own dtypes), exactly as they do for a plain dot of cast operands."""
     dtype = jnp.dtype(dtype)
     x, w = x.astype(dtype), w.astype(dtype)
-    if dtype == jnp.float32:
-        return jnp.dot(x, w, preferred_element_type=jnp.float32)
-    return _low_precision_dot(x, w)
+    return _dot(x, w) if dtype == jnp.float32 else _low_precision_dot(x, w)
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
