@@ -6,6 +6,7 @@ Before: `train.lr=-0.03` ran gradient ascent for 20 steps (loss 4.9 -> 22.9) and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from boomerang_jax.cli import main as cli_main
+from boomerang_jax.distill.checkpoint import _QuietOrbaxErrors
 
 BAD = [
     ("train.lr=-0.03", "train.lr must be a number > 0, got -0.03"),
@@ -153,6 +155,28 @@ def test_a_full_disk_stops_the_run_in_one_message_and_it_resumes_once_space_is_f
     train_steps = sorted(s for s in steps)
     assert sorted(set(train_steps)) == list(range(1, 41))
     assert "student" in (out / "ls").read_text().split()
+
+
+def _raise_from(filename: str) -> tuple:
+    """An OSError(28) raised by code that claims to live in `filename` (its traceback names that file)."""
+    namespace: dict = {}
+    exec(compile("def write():\n    raise OSError(28, 'No space left on device')\n", filename, "exec"), namespace)
+    try:
+        namespace["write"]()
+    except OSError as e:
+        return type(e), e, e.__traceback__
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("where, kept", [("/site-packages/orbax/checkpoint/_src/path/async_path.py", False),
+                                         ("/home/user/my_code.py", True)])
+def test_an_unretrieved_orbax_future_is_not_printed_but_other_ones_are(where, kept):
+    """asyncio reports a failed orbax writer future (message: the exception only; where: its traceback) at exit;
+    the checkpoint filter drops exactly those, keeping unretrieved futures of any other code."""
+    record = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1,
+                               "Future exception was never retrieved\nfuture: <Future finished exception="
+                               "OSError(28, 'No space left on device')>", None, _raise_from(where))
+    assert _QuietOrbaxErrors().filter(record) is kept
 
 
 def test_a_diverging_run_ends_in_one_line_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, capsys):

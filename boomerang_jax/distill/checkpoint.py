@@ -125,6 +125,17 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
+def _raised_in_orbax(exc_info: Any) -> bool:
+    """Whether a logged exception's traceback passes through orbax (the message of an unretrieved future names
+    only the exception; where it was raised is in the traceback)."""
+    tb = exc_info[2] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class _QuietOrbaxErrors(logging.Filter):
     """orbax logs a failed background save once per thread, each with a full traceback; keep one line each
     (CheckpointFailed carries the cause)."""
@@ -134,8 +145,9 @@ class _QuietOrbaxErrors(logging.Filter):
             return True
         message = record.getMessage()
         if record.name == "asyncio":  # orbax's writer tasks of a failed save, collected at exit
-            return not (message.startswith(("Task exception was never retrieved", "Future exception was never "
-                                            "retrieved")) and "orbax" in message)
+            unretrieved = message.startswith(("Task exception was never retrieved",
+                                              "Future exception was never retrieved"))
+            return not (unretrieved and ("orbax" in message or _raised_in_orbax(record.exc_info)))
         if "orbax" in (record.pathname or ""):
             if "raised an exception" in message:
                 return False  # the same cause once per writer thread; CheckpointFailed reports it
