@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -125,15 +125,11 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def _raised_in_orbax(exc_info: Any) -> bool:
-    """Whether a logged exception's traceback passes through orbax (the message of an unretrieved future names
-    only the exception; where it was raised is in the traceback)."""
-    tb = exc_info[2] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+def _code_names(tb: Any) -> Iterator[tuple[str, str]]:
+    """(file name, function name) of each frame of a traceback, outermost first."""
     while tb is not None:
-        if "orbax" in tb.tb_frame.f_code.co_filename:
-            return True
+        yield tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name
         tb = tb.tb_next
-    return False
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -147,7 +143,9 @@ class _QuietOrbaxErrors(logging.Filter):
         if record.name == "asyncio":  # orbax's writer tasks of a failed save, collected at exit
             unretrieved = message.startswith(("Task exception was never retrieved",
                                               "Future exception was never retrieved"))
-            return not (unretrieved and ("orbax" in message or _raised_in_orbax(record.exc_info)))
+            # the message names only the exception; where it was raised is in the traceback
+            raised_in_orbax = record.exc_info and any("orbax" in f for f, _ in _code_names(record.exc_info[2]))
+            return not (unretrieved and ("orbax" in message or raised_in_orbax))
         if "orbax" in (record.pathname or ""):
             if "raised an exception" in message:
                 return False  # the same cause once per writer thread; CheckpointFailed reports it
@@ -157,11 +155,8 @@ class _QuietOrbaxErrors(logging.Filter):
 
 def _closed_loop_callback(kind: type | None, value: BaseException | None, tb: Any) -> bool:
     """Whether an exception is a completion callback reaching orbax's event loop after it was closed."""
-    frames = []
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
-    return kind is RuntimeError and str(value) == "Event loop is closed" and "call_soon_threadsafe" in frames
+    return (kind is RuntimeError and str(value) == "Event loop is closed"
+            and any(name == "call_soon_threadsafe" for _, name in _code_names(tb)))
 
 
 def _quiet_closed_loop_callbacks() -> None:
